@@ -357,6 +357,9 @@ _MIN_CLASS_PIXELS = 4
 _MERGE_DISTANCE = 40.0
 # More colour groups than this: the "mask" is a photo.
 _MAX_COLOURS = 255
+# A colour mask must have >= _MIN_FLAT_FRACTION of its pixels within _FLAT_DISTANCE of a class colour or black.
+_FLAT_DISTANCE = 16.0
+_MIN_FLAT_FRACTION = 0.5
 # A class colour this close to a PASCAL VOC colour takes its VOC label.
 _VOC_TOLERANCE = 12.0
 # Radius for colours that are also numerically a blend of two class colours (JPEG smears edges further).
@@ -493,6 +496,13 @@ def _grey_mask(a: np.ndarray, *, name: str) -> np.ndarray:
     return lut[inverse].astype(np.uint8)
 
 
+def _photo_error(name: str, why: str) -> InputError:
+    return InputError(
+        f"{name}: this does not look like a mask but like a photo ({why}); pass the mask file (black = "
+        f"background, one flat colour or label value per class), not the image"
+    )
+
+
 def _colour_mask(rgb: np.ndarray, *, name: str) -> np.ndarray:
     """(H,W,3) uint8 colour mask -> label map: each dominant non-black colour is a class (rules in read_mask)."""
     h, w, _ = rgb.shape
@@ -505,18 +515,24 @@ def _colour_mask(rgb: np.ndarray, *, name: str) -> np.ndarray:
     centres = [np.zeros(3)]
     cluster = np.full(len(colours), -1, dtype=np.int64)
     cluster[np.linalg.norm(rgbs, axis=1) < _MERGE_DISTANCE] = 0
-    for idx in np.argsort(-counts, kind="stable"):
-        if cluster[idx] >= 0:
-            continue
+    free = np.flatnonzero(cluster < 0)
+    free = free[np.argsort(-counts[free], kind="stable")]  # most frequent first
+    rgb32 = rgbs.astype(np.float32)
+    while free.size:
         if len(centres) > _MAX_COLOURS:
-            raise InputError(
-                f"{name}: mask has more than {_MAX_COLOURS} distinct colour groups; it looks like a photo, not a "
-                f"mask. Pass the mask file (0 = background, one colour or label per class)"
-            )
-        free = cluster < 0
-        cluster[free & (np.linalg.norm(rgbs - rgbs[idx], axis=1) < _MERGE_DISTANCE)] = len(centres)
+            raise _photo_error(name, f"it has more than {_MAX_COLOURS} distinct colour groups")
+        idx = free[0]
+        d2 = ((rgb32[free] - rgb32[idx]) ** 2).sum(axis=1)
+        members = d2 < _MERGE_DISTANCE**2
+        cluster[free[members]] = len(centres)
         centres.append(rgbs[idx])
+        free = free[~members]
     sizes = np.bincount(cluster, weights=counts, minlength=len(centres))
+    # Cheap early exit for photos (the final check below is stricter): in a mask most pixels sit on a group centre.
+    centre_arr = np.stack(centres)
+    flat = float(counts[np.linalg.norm(rgbs - centre_arr[cluster], axis=1) <= _FLAT_DISTANCE].sum()) / (h * w)
+    if flat < _MIN_FLAT_FRACTION:
+        raise _photo_error(name, f"only {flat:.0%} of its pixels have one of its main colours")
     pixel_cluster = cluster[inverse]
 
     # 2. Keep the groups that are classes: big enough and not a blend along the boundary of two others.
@@ -568,7 +584,12 @@ def _colour_mask(rgb: np.ndarray, *, name: str) -> np.ndarray:
     # 4. Every distinct colour: its group's label, or (rejected group) the nearest class colour or black.
     targets = np.concatenate([np.zeros((1, 3)), np.stack(class_colours)], axis=0)
     target_labels = np.array([0] + ids, dtype=np.int64)
-    nearest = ((rgbs[:, None, :] - targets[None]) ** 2).sum(axis=2).argmin(axis=1)
+    d2 = ((rgbs[:, None, :] - targets[None]) ** 2).sum(axis=2)
+    nearest = d2.argmin(axis=1)
+    # In a mask (even anti-aliased or JPEG-compressed) most pixels carry one of the class colours or black.
+    flat = float(counts[d2.min(axis=1) <= _FLAT_DISTANCE**2].sum()) / (h * w)
+    if flat < _MIN_FLAT_FRACTION:
+        raise _photo_error(name, f"only {flat:.0%} of its pixels have a class colour or black")
     lut = np.array(
         [label_of_cluster.get(int(cluster[i]), int(target_labels[nearest[i]])) for i in range(len(colours))],
         dtype=np.uint8,
@@ -663,7 +684,8 @@ def read_mask(src: Any, *, name: str = "mask", max_pixels: int = DEFAULT_MAX_PIX
       anti-aliased edges never create extra classes. Labels: if every class colour is (within 12 of) a PASCAL VOC
       colour (:func:`label_palette`) the VOC index is used, so PerSeg's (128,0,0) is 1; otherwise classes are
       numbered 1..K in colour order. For class ids that must agree across files, use palette PNGs or label maps
-      (what :func:`write_mask_png` writes). More than 255 colour groups -> InputError (it is a photo).
+      (what :func:`write_mask_png` writes). A photo passed as a mask (more than 255 colour groups, or under half of the
+      pixels within 16 of a class colour or black) -> InputError.
 
     A single class always ends up as label 1 (the binary rule is applied last too).
 
