@@ -40,6 +40,7 @@ from timm.layers import SwiGLUPacked
 from timm.models.vision_transformer import VisionTransformer
 
 from incontext.backbones.checkpoint import check_keys, read_state_dict, sha256_file
+from incontext.backbones.weights import default_hub_repo, weights_path
 from incontext.errors import InputError, WeightsNotFoundError
 
 __all__ = [
@@ -530,6 +531,7 @@ def build_dinov2(
     hub_entry: str | None = None,
     offline: bool = True,
     device: str | torch.device = "cpu",
+    weights_key: str = "backbone.weights",
 ) -> DinoFeatures:
     """Build a DINOv2 feature extractor.
 
@@ -547,14 +549,13 @@ def build_dinov2(
         hub_entry: hub entry point (default ``name``).
         offline: for ``source="hub"``: never use the network (load from ``hub_repo``/the hub cache).
         device: where the model runs.
+        weights_key: the config key named in "weights not found" messages (where the caller's config keeps
+            this backbone's ``weights``).
     """
     a, base, regs = _resolve_arch(name, arch)
     model_id = name or "dinov2_custom"
     state_dict = None
-    if weights is None:
-        from incontext.backbones.weights import resolve
-
-        weights = resolve(model_id, config_key="backbone.weights")
+    weights = weights_path(name, weights, config_key=weights_key)
     if str(weights) != "random" and not (source == "transformers" and Path(weights).is_dir()):
         state_dict = read_state_dict(weights, name=f"DINOv2 weights ({model_id})")
         expected = DinoV2ViT_keys(a)
@@ -584,16 +585,6 @@ def DinoV2ViT_keys(arch: DinoV2Arch) -> list[str]:  # noqa: N802 (named after th
     """Official state-dict keys of ``arch`` (built on the meta device, so free for ViT-g)."""
     with torch.device("meta"):
         return list(DinoV2ViT(arch).state_dict().keys())
-
-
-def default_hub_repo() -> Path | None:
-    """The torch hub cache clone of facebookresearch/dinov2, if present (``main`` or ``master`` ref)."""
-    hub = Path(torch.hub.get_dir())
-    for ref in ("main", "master"):
-        p = hub / f"facebookresearch_dinov2_{ref}"
-        if (p / "hubconf.py").is_file():
-            return p
-    return None
 
 
 def _load_hub(model_id, arch, state_dict, hub_repo, entry, offline) -> nn.Module:

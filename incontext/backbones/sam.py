@@ -33,6 +33,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from segment_anything.utils.amg import calculate_stability_score
 
 from incontext.backbones.checkpoint import check_keys, read_state_dict, sha256_file
+from incontext.backbones.weights import weights_path
 from incontext.errors import InputError
 
 __all__ = [
@@ -203,22 +204,21 @@ def load_sam(
     arch: Mapping[str, Any] | SamArch | None = None,
     weights: str | os.PathLike | None = None,
     seed: int = 0,
+    weights_key: str = "backbone.weights",
 ) -> Sam:
     """The ``Sam`` module: known name (``sam_vit_{h,l,b}``) via ``sam_model_registry`` or explicit ``arch``.
 
     ``weights``: a checkpoint (``.pth`` read with ``weights_only=True``, or ``.safetensors``; strict keys);
     ``"random"`` for a seeded random init; ``None`` looks the known file up locally and raises
-    ``WeightsNotFoundError`` if absent (see ``python -m incontext.weights``).
+    ``WeightsNotFoundError`` if absent (see ``python -m incontext.weights``); ``weights_key`` is the config
+    key that message names.
     """
     key = _registry_key(name)
     if arch is None and key is None:
         raise InputError(
             f"SAM name {name!r} is unknown; use sam_vit_h, sam_vit_l, sam_vit_b or pass arch sizes explicitly"
         )
-    if weights is None:
-        from incontext.backbones.weights import resolve
-
-        weights = resolve(name, config_key="backbone.weights")
+    weights = weights_path(name, weights, config_key=weights_key)
     random = str(weights) == "random"
     if random:
         torch.manual_seed(seed)
@@ -323,10 +323,12 @@ def build_sam(
     weights: str | os.PathLike | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    weights_key: str = "backbone.weights",
 ) -> BatchedSamPredictor:
     """Config entry point: :func:`load_sam` then :class:`BatchedSamPredictor` on ``device``."""
-    model = load_sam(name, arch=arch, weights=weights, seed=seed)
-    tag = f"seed{seed}" if str(weights) == "random" else Path(str(weights)).name
+    path = weights_path(name, weights, config_key=weights_key)
+    model = load_sam(name, arch=arch, weights=path, seed=seed)
+    tag = f"seed{seed}" if str(path) == "random" else Path(str(path)).name
     return BatchedSamPredictor(model.to(device), name=f"{name or 'sam'}@{tag}")
 
 
