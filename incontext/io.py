@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io as _io
 import json
+import math
 import os
 import re
 import sys
@@ -858,23 +859,41 @@ def write_gray_png(path: str | os.PathLike, array01: np.ndarray) -> None:
         Image.fromarray(np.round(np.clip(a, 0, 1) * 255).astype(np.uint8)).save(tmp, format="PNG")
 
 
-def _json_default(o: Any) -> Any:
+def _jsonable(o: Any) -> Any:
+    """Plain JSON types: numpy scalars/arrays, torch tensors, Paths, sets, dataclasses converted; NaN/inf -> None."""
+    import dataclasses
+
+    if isinstance(o, dict):
+        return {str(k) if not isinstance(k, (str, int, float, bool)) or k is None else k: _jsonable(v)
+                for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    if isinstance(o, (set, frozenset)):
+        return [_jsonable(v) for v in sorted(o, key=repr)]
+    if isinstance(o, bool) or o is None or isinstance(o, (str, int)):
+        return o
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None  # JSON has no NaN / Infinity
     if isinstance(o, np.generic):
-        return o.item()
+        return _jsonable(o.item())
     if isinstance(o, np.ndarray):
-        return o.tolist()
+        return _jsonable(o.tolist())
+    if _is_torch(o):
+        return _jsonable(o.detach().cpu().tolist())
     if isinstance(o, Path):
         return str(o)
-    if _is_torch(o):
-        return o.detach().cpu().tolist()
-    if isinstance(o, (set, frozenset)):
-        return sorted(o)
-    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+    if dataclasses.is_dataclass(o) and not isinstance(o, type):
+        return _jsonable(dataclasses.asdict(o))
+    raise TypeError(f"write_json: {type(o).__name__} is not JSON serialisable; convert it to a plain value first")
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented UTF-8 JSON; numpy scalars/arrays, torch tensors and Paths are converted."""
-    text = json.dumps(obj, indent=2, default=_json_default, allow_nan=False)
+    """Write ``obj`` as indented UTF-8 JSON.
+
+    numpy scalars/arrays, torch tensors, Paths, sets and dataclasses are converted; NaN and inf become ``null``.
+    The text is built before the file is opened, so an unserialisable object leaves no file.
+    """
+    text = json.dumps(_jsonable(obj), indent=2, allow_nan=False)
     with atomic_path(path) as tmp:
         tmp.write_text(text + "\n", encoding="utf-8")
 

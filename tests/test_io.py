@@ -364,8 +364,12 @@ def test_overlay_gray_json(tmp_path):
     g = np.asarray(Image.open(tmp_path / "p.png"))
     assert g[0, 0] == 0 and g[-1, -1] == 255
 
-    write_json(tmp_path / "s.json", {"iou": np.float32(0.5), "shape": np.array([2, 3]), "n": np.int64(4)})
-    assert json.loads((tmp_path / "s.json").read_text()) == {"iou": 0.5, "shape": [2, 3], "n": 4}
+    obj = {"iou": np.float32(0.5), "shape": np.array([2, 3]), "n": np.int64(4), "t": torch.tensor([1.5]),
+           "bad": float("nan"), 3: {"p": tmp_path}}
+    write_json(tmp_path / "s.json", obj)
+    assert json.loads((tmp_path / "s.json").read_text()) == {
+        "iou": 0.5, "shape": [2, 3], "n": 4, "t": [1.5], "bad": None, "3": {"p": str(tmp_path)}
+    }
 
 
 def test_atomic_writes_leave_nothing_on_failure(tmp_path):
