@@ -21,6 +21,8 @@ import torch
 
 from incontext.errors import InputError
 
+IGNORE_LABEL = 255  # PASCAL VOC marks object borders with 255: neither object nor background
+
 ImageLike = Any  # str | Path | bytes | PIL.Image.Image | np.ndarray | torch.Tensor
 MaskLike = Any
 
@@ -93,8 +95,9 @@ class Support:
 
     @property
     def classes(self) -> list[int]:
-        """Sorted labels present in the mask, background excluded."""
-        return [int(c) for c in np.unique(self.mask) if c != 0]
+        """Sorted labels present in the mask; background (0) and the ignore label (255, PASCAL's object
+        borders) excluded."""
+        return [int(c) for c in np.unique(self.mask) if c not in (0, IGNORE_LABEL)]
 
     def binary(self, label: int) -> "Support":
         """This support with a 0/1 mask of one class."""
