@@ -16,7 +16,7 @@ import torch
 
 from incontext.errors import InputError
 
-__all__ = ["read_state_dict", "check_keys", "sha256_file"]
+__all__ = ["read_state_dict", "check_keys", "sha256_file", "model_id"]
 
 # Wrapper keys used by common training scripts around the actual state dict.
 _WRAPPER_KEYS = ("state_dict", "model", "module", "teacher")
@@ -32,6 +32,22 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
                 break
             h.update(block)
     return h.hexdigest()
+
+
+def model_id(name: str, weights: str | os.PathLike, *, seed: int = 0, arch: object = None) -> str:
+    """Readable, collision-safe id of a built model, used in feature-cache keys.
+
+    ``"<name>@seed<S>-<arch digest>"`` for random weights (the architecture is part of the id, so two tiny
+    configs with one name differ), ``"<name>@<file name>-<digest of absolute path, size, mtime>"`` for files
+    (cheap: multi-GB checkpoints are not hashed).
+    """
+    if str(weights) == "random":
+        tag = f"seed{seed}-" + hashlib.sha256(repr(arch).encode()).hexdigest()[:8]
+    else:
+        p = Path(weights).resolve()
+        st = p.stat()
+        tag = p.name + "-" + hashlib.sha256(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:8]
+    return f"{name}@{tag}"
 
 
 def read_state_dict(path: str | os.PathLike, *, name: str = "checkpoint") -> dict[str, torch.Tensor]:

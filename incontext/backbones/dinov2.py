@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from timm.layers import SwiGLUPacked
 from timm.models.vision_transformer import VisionTransformer
 
-from incontext.backbones.checkpoint import check_keys, read_state_dict, sha256_file
+from incontext.backbones.checkpoint import check_keys, model_id, read_state_dict, sha256_file
 from incontext.backbones.weights import default_hub_repo, weights_path
 from incontext.errors import InputError, WeightsNotFoundError
 
@@ -538,7 +538,9 @@ def build_dinov2(
     Args:
         name: known model (``dinov2_vit{s,b,l,g}14[_reg]``) or any id for a custom ``arch`` (e.g. ``dinov2_tiny``).
         arch: explicit sizes (``DinoV2Arch`` fields); override/replace those of ``name``.
-        source: ``incontext`` | ``hub`` | ``timm`` | ``transformers`` (see the module docstring).
+        source: ``incontext`` | ``hub`` | ``timm`` | ``transformers`` (see the module docstring), or ``auto``:
+            ``hub`` when a local copy of the hub code exists (``hub_repo`` or the torch hub cache), else
+            ``incontext`` (same outputs). The choice is recorded in ``DinoFeatures.backend``.
         weights: ``"random"`` for a seeded random init (tests, benchmarks); a checkpoint path
             (official keys; .pth/.pt via ``weights_only=True`` or .safetensors); a local Hugging Face folder for
             ``source="transformers"``; ``None`` = look the known file up locally (``python -m incontext.weights``)
@@ -553,32 +555,33 @@ def build_dinov2(
             this backbone's ``weights``).
     """
     a, base, regs = _resolve_arch(name, arch)
-    model_id = name or "dinov2_custom"
+    if source == "auto":
+        # the torch.hub code when a local copy exists (the published loading path), else the in-package model
+        has_hub = (Path(hub_repo) / "hubconf.py").is_file() if hub_repo is not None else default_hub_repo() is not None
+        source = "hub" if has_hub else "incontext"
     state_dict = None
     weights = weights_path(name, weights, config_key=weights_key)
     if str(weights) != "random" and not (source == "transformers" and Path(weights).is_dir()):
-        state_dict = read_state_dict(weights, name=f"DINOv2 weights ({model_id})")
-        expected = DinoV2ViT_keys(a)
-        check_keys(state_dict, expected, name=f"DINOv2 weights ({model_id})", path=weights)
+        label = f"DINOv2 weights ({name})"
+        state_dict = read_state_dict(weights, name=label)
+        check_keys(state_dict, DinoV2ViT_keys(a), name=label, path=weights)
     elif str(weights) == "random":
         torch.manual_seed(seed)
         state_dict = DinoV2ViT(a).state_dict()
-        model_id = f"{model_id}@seed{seed}"
 
     if source == "incontext":
         model = DinoV2ViT(a)
         model.load_state_dict(state_dict, strict=True)
     elif source == "hub":
-        model = _load_hub(model_id, a, state_dict, hub_repo, hub_entry or name, offline)
+        model = _load_hub(name, a, state_dict, hub_repo, hub_entry or name, offline)
     elif source == "timm":
         model = _load_timm(a, base, state_dict)
     elif source == "transformers":
         model = _load_transformers(a, state_dict, weights)
     else:
         raise InputError(f"build_dinov2: source={source!r}; use incontext, hub, timm or transformers")
-    if str(weights) != "random":
-        model_id = f"{model_id}@{Path(weights).name}"
-    return DinoFeatures(model, backend=source, arch=a, name=model_id).to(device)
+    uid = model_id(name or "dinov2_custom", weights, seed=seed, arch=a)
+    return DinoFeatures(model, backend=source, arch=a, name=uid).to(device)
 
 
 def DinoV2ViT_keys(arch: DinoV2Arch) -> list[str]:  # noqa: N802 (named after the class it describes)
@@ -587,13 +590,13 @@ def DinoV2ViT_keys(arch: DinoV2Arch) -> list[str]:  # noqa: N802 (named after th
         return list(DinoV2ViT(arch).state_dict().keys())
 
 
-def _load_hub(model_id, arch, state_dict, hub_repo, entry, offline) -> nn.Module:
+def _load_hub(label, arch, state_dict, hub_repo, entry, offline) -> nn.Module:
     repo = Path(hub_repo) if hub_repo is not None else default_hub_repo()
     if repo is None or not (repo / "hubconf.py").is_file():
         if offline:
             where = str(repo) if repo is not None else f"{torch.hub.get_dir()}/facebookresearch_dinov2_main"
             raise WeightsNotFoundError(
-                f"DINOv2 hub code for {model_id!r} not found: looked for hubconf.py in {where}. Get it with "
+                f"DINOv2 hub code for {label!r} not found: looked for hubconf.py in {where}. Get it with "
                 f"`git clone https://github.com/facebookresearch/dinov2 {where}`, set backbone.hub_repo to a "
                 "local clone, or use backbone.source=incontext (same weights, no repository needed)"
             )

@@ -32,7 +32,7 @@ from segment_anything import SamPredictor, sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from segment_anything.utils.amg import calculate_stability_score
 
-from incontext.backbones.checkpoint import check_keys, read_state_dict, sha256_file
+from incontext.backbones.checkpoint import check_keys, model_id, read_state_dict, sha256_file
 from incontext.backbones.weights import weights_path
 from incontext.errors import InputError
 
@@ -312,8 +312,9 @@ def sam_from_config_json(
         got = sha256_file(wpath)
         if got != digest:
             raise InputError(f"sam_from_config_json: {wpath} has SHA-256 {got}, {p.name} expects {digest}")
-    model = load_sam(f"sam_{p.parent.name}", arch=arch, weights=wpath)
-    return BatchedSamPredictor(model.to(device), name=f"sam_{p.parent.name}@{wpath.name}")
+    name = f"sam_{p.parent.name}"
+    model = load_sam(name, arch=arch, weights=wpath)
+    return BatchedSamPredictor(model.to(device), name=model_id(name, wpath))
 
 
 def build_sam(
@@ -328,8 +329,8 @@ def build_sam(
     """Config entry point: :func:`load_sam` then :class:`BatchedSamPredictor` on ``device``."""
     path = weights_path(name, weights, config_key=weights_key)
     model = load_sam(name, arch=arch, weights=path, seed=seed)
-    tag = f"seed{seed}" if str(path) == "random" else Path(str(path)).name
-    return BatchedSamPredictor(model.to(device), name=f"{name or 'sam'}@{tag}")
+    uid = model_id(name or "sam", path, seed=seed, arch=arch if arch is not None else _registry_key(name))
+    return BatchedSamPredictor(model.to(device), name=uid)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -79,34 +79,50 @@ def test_persam_fixture_features_and_hook_free_passes(parity_dir):
     assert differ.sum() <= 10 and np.abs(r3.logits[0].numpy()[differ]).max(initial=0) < 1e-5
 
 
-@pytest.mark.parametrize("multimask", [True, False])
-def test_batched_equals_one_by_one(tiny_predictor, multimask):
-    pred = tiny_predictor
-    rng = np.random.default_rng(1)
-    n, k = 5, 3
+def _random_prompts(n, k, seed=1):
+    rng = np.random.default_rng(seed)
     points = rng.uniform(0, [128, 96], size=(n, k, 2))
     labels = rng.integers(0, 2, size=(n, k))
     boxes = np.sort(rng.uniform(0, 90, size=(n, 2, 2)), axis=1).reshape(n, 4)
     masks_in = rng.normal(0, 5, size=(n, 1, 256, 256)).astype(np.float32)
-    batched = pred.decode(points, labels, boxes, masks_in, multimask_output=multimask, return_logits=True,
-                          batch_size=4)  # two decoder calls: 4 + 1
-    m = 3 if multimask else 1
-    assert batched.low_res_logits.shape == (n, m, 256, 256)
-    assert batched.masks.shape == batched.logits.shape == (n, m, 96, 128)
-    assert batched.iou_pred.shape == batched.stability.shape == (n, m)
+    return points, labels, boxes, masks_in
+
+
+def _assert_same_set(batched, i, one):
+    torch.testing.assert_close(batched.low_res_logits[i], one.low_res_logits[0], atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(batched.logits[i], one.logits[0], atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(batched.iou_pred[i], one.iou_pred[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(batched.stability[i], one.stability[0], atol=1e-5, rtol=0)
+
+
+def test_batched_equals_one_by_one_and_sam_predictor(tiny_predictor):
+    pred = tiny_predictor
+    n = 4
+    points, labels, boxes, masks_in = _random_prompts(n, 3)
+    batched = pred.decode(points, labels, boxes, masks_in, return_logits=True, batch_size=3)  # calls of 3 + 1
+    assert batched.low_res_logits.shape == (n, 3, 256, 256)
+    assert batched.masks.shape == batched.logits.shape == (n, 3, 96, 128)
+    assert batched.iou_pred.shape == batched.stability.shape == (n, 3)
     for i in range(n):
         one = pred.decode(points[i : i + 1], labels[i : i + 1], boxes[i : i + 1], masks_in[i : i + 1],
-                          multimask_output=multimask, return_logits=True)
-        torch.testing.assert_close(batched.low_res_logits[i], one.low_res_logits[0], atol=1e-3, rtol=1e-5)
-        torch.testing.assert_close(batched.logits[i], one.logits[0], atol=1e-3, rtol=1e-5)
-        torch.testing.assert_close(batched.iou_pred[i], one.iou_pred[0], atol=1e-5, rtol=0)
-        torch.testing.assert_close(batched.stability[i], one.stability[0], atol=1e-5, rtol=0)
-        # and SAM's own predictor gives the same single-set result
-        ref_masks, ref_iou, ref_low = pred.predict(points[i], labels[i], boxes[i], masks_in[i],
-                                                   multimask_output=multimask, return_logits=True)
-        np.testing.assert_allclose(one.low_res_logits[0].numpy(), ref_low, atol=1e-3, rtol=1e-5)
-        np.testing.assert_allclose(one.iou_pred[0].numpy(), ref_iou, atol=1e-5, rtol=0)
-        np.testing.assert_allclose(one.logits[0].numpy(), ref_masks, atol=1e-3, rtol=1e-5)
+                          return_logits=True)
+        _assert_same_set(batched, i, one)
+        if i < 2:  # and SAM's own predictor gives the same single-set result
+            ref_masks, ref_iou, ref_low = pred.predict(points[i], labels[i], boxes[i], masks_in[i],
+                                                       return_logits=True)
+            np.testing.assert_allclose(one.low_res_logits[0].numpy(), ref_low, atol=1e-3, rtol=1e-5)
+            np.testing.assert_allclose(one.iou_pred[0].numpy(), ref_iou, atol=1e-5, rtol=0)
+            np.testing.assert_allclose(one.logits[0].numpy(), ref_masks, atol=1e-3, rtol=1e-5)
+
+
+def test_batched_single_mask_output(tiny_predictor):
+    points, labels, _, _ = _random_prompts(3, 2, seed=2)
+    batched = tiny_predictor.decode(points, labels, multimask_output=False, return_logits=True)
+    assert batched.low_res_logits.shape == (3, 1, 256, 256)
+    for i in (0, 2):
+        one = tiny_predictor.decode(points[i : i + 1], labels[i : i + 1], multimask_output=False,
+                                    return_logits=True)
+        _assert_same_set(batched, i, one)
 
 
 def test_stability_is_sams_definition(tiny_predictor):
