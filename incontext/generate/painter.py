@@ -1,0 +1,304 @@
+"""Grid-inpainting generator (SegGPT / Painter) on transformers' ``SegGptForImageSegmentation``.
+
+One code path serves the released ``BAAI/seggpt-vit-large`` (loaded from a local folder) and the tiny configs
+trained here with ``train.py``: both are the same class, saved in the Hugging Face layout (``config.json`` +
+``model.safetensors``).
+
+How an episode is painted (reference note ``seggpt_painter.md``, sections 2-6):
+
+1. Every support image and query is resized to one canvas *cell* (h, w) = (canvas_h / 2, canvas_w), aspect
+   ratio ignored. Masks are colour-coded (binary: white on black) and resized nearest.
+2. Two streams are stacked by the model: images [support; query] and colours [support mask; masked]. The
+   model inpaints the masked lower half of the colour stream.
+3. k shots: ``ensemble="feature"`` runs K canvases (one per support, the query repeated) with SegGPT's
+   feature ensemble — only for K >= 2, because transformers' implementation changes a K = 1 output (quirk 1);
+   ``ensemble="spatial"`` tiles the K supports (and K copies of the query) n x n inside one cell and averages
+   the n x n painted query tiles.
+4. The painted lower half is de-normalised to RGB in [0, 1] and decoded at the query's size: binary -> the
+   projection on the black -> white segment (= mean RGB, SegGPT's rule); multi-class -> nearest palette colour
+   with softmax scores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from incontext.episode import Support
+from incontext.errors import InputError, WeightsNotFoundError
+from incontext.generate import canvas
+from incontext.pipeline import Carry, Pipeline, State
+
+__all__ = ["PainterMethod", "PainterStage", "load_seggpt", "build_seggpt", "paint", "SEGGPT_HUB_ID"]
+
+SEGGPT_HUB_ID = "BAAI/seggpt-vit-large"
+ENSEMBLES = ("feature", "spatial")
+EMBEDDING_TYPES = ("instance", "semantic")
+
+
+# ------------------------------------------------------------------------------------------ loading
+def build_seggpt(model_config: dict[str, Any]) -> torch.nn.Module:
+    """A randomly initialised ``SegGptForImageSegmentation`` from ``SegGptConfig`` keyword arguments
+    (tiny configs for tests and training from scratch). Seed ``torch`` before calling for a reproducible init."""
+    from transformers import SegGptConfig, SegGptForImageSegmentation
+
+    try:
+        config = SegGptConfig(**dict(model_config))
+    except (TypeError, ValueError) as err:
+        raise InputError(f"model_config: {err}; see SegGptConfig for the accepted keys") from None
+    return SegGptForImageSegmentation(config)
+
+
+def _resolve_checkpoint(checkpoint: str | Path) -> Path:
+    """A local folder holding ``config.json`` + ``model.safetensors``; a Hub id is looked up in the local
+    Hugging Face cache only (never downloaded)."""
+    path = Path(checkpoint).expanduser()
+    looked = [str(path)]
+    if not path.exists() and isinstance(checkpoint, str) and checkpoint.count("/") == 1 \
+            and not checkpoint.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(checkpoint, local_files_only=True))
+        except Exception:  # LocalEntryNotFoundError and friends: not in the cache
+            from huggingface_hub.constants import HF_HUB_CACHE
+
+            looked.append(f"the Hugging Face cache ({HF_HUB_CACHE})")
+    missing = [n for n in ("config.json", "model.safetensors") if not (path / n).is_file()]
+    if missing:
+        raise WeightsNotFoundError(
+            f"painter checkpoint: {', '.join(missing)} not found for {str(checkpoint)!r} (looked in "
+            f"{' and '.join(looked)}). A checkpoint is a folder with config.json + model.safetensors: train one "
+            f"with `python train.py experiment=painter_tiny`, or on a machine with internet run "
+            f"`huggingface-cli download {SEGGPT_HUB_ID} --local-dir seggpt-vit-large` and copy the folder here; "
+            f"then set checkpoint=<folder> (config key generate.checkpoint of method=painter)"
+        )
+    return path
+
+
+def load_seggpt(checkpoint: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Load ``SegGptForImageSegmentation`` from a local Hugging Face folder (or a cached Hub id such as
+    ``BAAI/seggpt-vit-large``), safetensors only, offline, in eval mode on ``device``."""
+    from transformers import SegGptForImageSegmentation
+
+    folder = _resolve_checkpoint(checkpoint)
+    model = SegGptForImageSegmentation.from_pretrained(
+        str(folder), local_files_only=True, use_safetensors=True
+    )
+    return model.eval().to(device)
+
+
+# ------------------------------------------------------------------------------------------ painting
+def cell_size(model: torch.nn.Module) -> tuple[int, int]:
+    """(h, w) of one canvas cell: half the configured stacked canvas height, full width."""
+    size = model.config.image_size
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    return h // 2, w
+
+
+@torch.no_grad()
+def paint(
+    model: torch.nn.Module,
+    query: torch.Tensor,
+    prompt_images: torch.Tensor,
+    prompt_masks: torch.Tensor,
+    embedding_type: str = "instance",
+) -> torch.Tensor:
+    """Inpaint the query's colour cell from K prompt pairs (feature ensemble when K >= 2).
+
+    Args:
+        model: ``SegGptForImageSegmentation``.
+        query: (3, h, w) model space (ImageNet-normalised cell).
+        prompt_images: (K, 3, h, w) model space.
+        prompt_masks: (K, 3, h, w) colour-coded masks in model space.
+        embedding_type: "instance" (SegGPT's default) or "semantic".
+
+    Returns:
+        (3, h, w) painted query colours, colour space RGB in [0, 1].
+    """
+    k = prompt_images.shape[0]
+    dev = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    out = model(
+        pixel_values=query[None].expand(k, -1, -1, -1).to(dev, dtype),  # transformers #30196: repeat query
+        prompt_pixel_values=prompt_images.to(dev, dtype),
+        prompt_masks=prompt_masks.to(dev, dtype),
+        feature_ensemble=k >= 2,  # quirk 1: a K = 1 ensemble would still change the output
+        embedding_type=embedding_type,
+    )
+    h = query.shape[-2]
+    return canvas.denormalise(out.pred_masks[0, :, h:].float())
+
+
+class PainterStage:
+    """The ``generate`` stage of ``method=painter``: supports -> colour prompts -> painted query -> prob.
+
+    Args:
+        checkpoint: local folder (or cached Hub id) with ``config.json`` + ``model.safetensors``.
+        model_config: ``SegGptConfig`` keyword arguments for a randomly initialised model (tests, training);
+            used only when ``checkpoint`` is None.
+        model: an already built ``SegGptForImageSegmentation`` (the trainer's live model); wins over the two.
+        ensemble: "feature" (SegGPT's official k-shot) or "spatial" (tile supports inside one cell).
+        max_shots: use at most this many supports (first ones); None = all.
+        embedding_type: "instance" or "semantic" type token.
+        device: where the model runs.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | Path | None = None,
+        model_config: dict[str, Any] | None = None,
+        model: torch.nn.Module | None = None,
+        ensemble: str = "feature",
+        max_shots: int | None = None,
+        embedding_type: str = "instance",
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if ensemble not in ENSEMBLES:
+            raise InputError(f"ensemble: {ensemble!r} is not one of {ENSEMBLES}")
+        if embedding_type not in EMBEDDING_TYPES:
+            raise InputError(f"embedding_type: {embedding_type!r} is not one of {EMBEDDING_TYPES}")
+        if max_shots is not None and int(max_shots) < 1:
+            raise InputError(f"max_shots: {max_shots} must be >= 1 or null (all supports)")
+        self.device = torch.device(device)
+        if model is None:
+            if checkpoint is not None:
+                model = load_seggpt(checkpoint, self.device)
+            elif model_config is not None:
+                model = build_seggpt(model_config).eval()
+            else:
+                raise InputError(
+                    "painter: no weights; set checkpoint=<folder with config.json + model.safetensors> "
+                    "(e.g. a train.py run's checkpoints/best), or model_config=... for a random model"
+                )
+        self.model = model.to(self.device)
+        self.ensemble = ensemble
+        self.max_shots = None if max_shots is None else int(max_shots)
+        self.embedding_type = embedding_type
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, **kwargs: Any) -> "PainterStage":
+        """Wrap a live model (no copy; the caller keeps it in eval mode while painting)."""
+        return cls(model=model, **kwargs)
+
+    @property
+    def cell(self) -> tuple[int, int]:
+        return cell_size(self.model)
+
+    def to(self, device: str | torch.device) -> "PainterStage":
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
+    # ------------------------------------------------------------------ Stage protocol
+    def prepare(self, supports: list[Support]) -> State:
+        """Resize the supports to cells once: ``images`` (K, h, w, 3) uint8 and ``masks`` (K, h, w) uint8 0/1
+        (for the spatial ensemble K = 1: the tiled cell, and ``grid`` n)."""
+        if not supports:
+            raise InputError("painter: no supports; pass at least one (image, mask) pair")
+        sup = supports[: self.max_shots] if self.max_shots else supports
+        h, w = self.cell
+        if self.ensemble == "spatial" and len(sup) > 1:
+            images = canvas.tile([s.image for s in sup], (h, w), is_mask=False)[None]
+            masks = canvas.tile([(s.mask > 0).astype(np.uint8) for s in sup], (h, w), is_mask=True)[None]
+            grid = canvas.grid_side(len(sup))
+        else:
+            images = np.stack([canvas.resize_image(s.image, (h, w)) for s in sup])
+            masks = np.stack([canvas.resize_labels((s.mask > 0).astype(np.uint8), (h, w)) for s in sup])
+            grid = 1
+        return {"images": torch.from_numpy(images), "masks": torch.from_numpy(masks), "grid": grid}
+
+    def __call__(self, carry: Carry, state: State) -> None:
+        """Paint the query and set ``carry.prob`` ((H, W) in [0, 1], query size); the painted RGB cell goes to
+        ``carry.extras["painted"]`` ((h', w', 3) uint8) for inspection."""
+        grid = int(state.get("grid", 1))
+        palette = canvas.binary_palette()
+        rgb = self._paint_cell(carry.query, state["images"], state["masks"], palette, grid, carry.cache)
+        h, w = carry.query.shape[:2]
+        carry.prob = canvas.binary_score(rgb, palette[0], palette[1], (h, w))
+        carry.extras["painted"] = (rgb.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+
+    # ------------------------------------------------------------------ multi-class in one pass
+    def segment_labels(self, query: np.ndarray, supports: Sequence[Support],
+                       temperature: float = 0.02) -> tuple[np.ndarray, np.ndarray]:
+        """Paint every class of multi-class supports at once with Painter's palette and decode the label map
+        by nearest palette colour (one model pass instead of one per class).
+
+        Args:
+            query: (H, W, 3) uint8.
+            supports: supports with label maps (0 = background).
+            temperature: softmax temperature of the scores (see ``canvas.palette_scores``).
+
+        Returns:
+            labels: (H, W) uint8 label map in the supports' label values.
+            scores: (C + 1, H, W) float32, index 0 = background, index i = i-th sorted support class.
+        """
+        sup = list(supports)[: self.max_shots] if self.max_shots else list(supports)
+        classes = sorted({c for s in sup for c in s.classes})
+        if not classes:
+            raise InputError("supports: every support mask is empty; mark the object in at least one mask")
+        lut = np.zeros(256, np.uint8)
+        lut[classes] = np.arange(1, len(classes) + 1)
+        palette = canvas.painter_palette(len(classes))
+        h, w = self.cell
+        if self.ensemble == "spatial" and len(sup) > 1:
+            images = canvas.tile([s.image for s in sup], (h, w), is_mask=False)[None]
+            masks = canvas.tile([lut[s.mask] for s in sup], (h, w), is_mask=True)[None]
+            grid = canvas.grid_side(len(sup))
+        else:
+            images = np.stack([canvas.resize_image(s.image, (h, w)) for s in sup])
+            masks = np.stack([canvas.resize_labels(lut[s.mask], (h, w)) for s in sup])
+            grid = 1
+        rgb = self._paint_cell(query, torch.from_numpy(images), torch.from_numpy(masks), palette, grid, {})
+        size = query.shape[:2]
+        scores = canvas.palette_scores(rgb, palette, size, temperature)
+        index = scores.argmax(0).cpu().numpy()
+        values = np.array([0] + classes, np.uint8)
+        return values[index], scores.cpu().numpy().astype(np.float32)
+
+    # ------------------------------------------------------------------ internals
+    def _paint_cell(self, query: np.ndarray, images: torch.Tensor, masks: torch.Tensor,
+                    palette: np.ndarray, grid: int, cache: dict) -> torch.Tensor:
+        h, w = self.cell
+        key = f"painter.query.{h}x{w}.g{grid}"
+        if key not in cache:  # shared by every class painted on this query
+            cell = canvas.tile([query], (h, w), is_mask=False) if grid > 1 else \
+                canvas.resize_image(query, (h, w))
+            cache[key] = canvas.to_model(cell)
+        colours = canvas.encode_mask(masks.cpu().numpy(), palette)
+        rgb = paint(self.model, cache[key], canvas.to_model(images.cpu().numpy()),
+                    canvas.to_model(colours), self.embedding_type)
+        return canvas.untile_mean(rgb, grid) if grid > 1 else rgb
+
+
+class PainterMethod(Pipeline):
+    """``method=painter``: a ``Pipeline`` whose generate stage is a ``PainterStage`` (optionally followed by a
+    refine stage), with the stage's settings at the top level so ``build("painter", checkpoint=...)`` works.
+
+    Args:
+        checkpoint, model_config, ensemble, max_shots, embedding_type: see ``PainterStage``.
+        refine: optional refine stage (e.g. SAM prompted by the painted mask).
+        name, device, retriever, shots, threshold: see ``Pipeline``.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | Path | None = None,
+        model_config: dict[str, Any] | None = None,
+        ensemble: str = "feature",
+        max_shots: int | None = None,
+        embedding_type: str = "instance",
+        refine: Any = None,
+        name: str = "painter",
+        device: str | torch.device = "cpu",
+        retriever: Any = None,
+        shots: int = 0,
+        threshold: float = 0.5,
+    ) -> None:
+        stage = PainterStage(checkpoint=checkpoint, model_config=model_config, ensemble=ensemble,
+                             max_shots=max_shots, embedding_type=embedding_type, device=device)
+        super().__init__(name=name, device=device, retriever=retriever, shots=shots, generate=stage,
+                         refine=refine, threshold=threshold)

@@ -1,0 +1,197 @@
+"""Training the painter with ``train.py``: episode -> in-context-coloured canvas sample, and its MIM loss.
+
+Per sample (reference note ``seggpt_painter.md`` sections 3-4):
+
+* one support of the episode is the prompt; the query's mask is the target;
+* SegGPT's in-context colouring: every class gets a fresh random colour, the same on prompt and target, so the
+  model must read the colour from the prompt instead of memorising class -> colour (background black unless
+  ``random_background`` > 0);
+* Painter's masking of the colour stream: with probability ``p_lower_half`` exactly the lower (target) half,
+  otherwise BEiT-style random blocks covering exactly half of all patches (so some target patches stay visible
+  and some prompt patches must be painted). Painter uses p = 0.1; on a tiny CPU budget the evaluated task
+  (lower half) deserves more weight — the experiment config sets it;
+* optional horizontal flip of the whole pair (same flip for prompt and query).
+
+Loss: smooth-L1 (beta = ``config.beta``, 0.01 in SegGPT) between painted and true colours in model space, mean
+over the masked pixels of each sample, then mean over samples (equal to transformers' SegGptLoss when every
+sample masks the same number of patches, which this masking guarantees, and batch-size independent so DDP and
+gradient accumulation average exactly).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from incontext.generate import canvas
+from incontext.generate.painter import PainterStage, build_seggpt, cell_size, load_seggpt
+from incontext.train.data import TrainItem
+
+__all__ = ["PainterTask", "block_mask", "masked_smooth_l1"]
+
+
+def block_mask(grid: tuple[int, int], num_masked: int, rng: np.random.Generator,
+               min_block: int = 4, aspect: tuple[float, float] = (0.3, 1 / 0.3)) -> np.ndarray:
+    """BEiT-style block masking with an exact count.
+
+    Rectangles of random area (>= ``min_block`` patches) and log-uniform aspect ratio are added until at
+    least ``num_masked`` of the (gh, gw) patches are covered; random surplus patches are then unmasked (or
+    random extra ones masked) so exactly ``num_masked`` are True.
+
+    Returns:
+        (gh * gw,) bool, row-major over the patch grid.
+    """
+    gh, gw = grid
+    m = np.zeros((gh, gw), bool)
+    max_block = max(min_block, num_masked // 2)
+    for _ in range(100):
+        if m.sum() >= num_masked:
+            break
+        area = rng.uniform(min_block, max_block)
+        ar = np.exp(rng.uniform(np.log(aspect[0]), np.log(aspect[1])))
+        h = int(round(np.sqrt(area * ar)))
+        w = int(round(np.sqrt(area / ar)))
+        if 0 < h <= gh and 0 < w <= gw:
+            top, left = rng.integers(0, gh - h + 1), rng.integers(0, gw - w + 1)
+            m[top : top + h, left : left + w] = True
+    flat = m.reshape(-1)
+    on, off = np.flatnonzero(flat), np.flatnonzero(~flat)
+    if len(on) > num_masked:
+        flat[rng.choice(on, len(on) - num_masked, replace=False)] = False
+    elif len(on) < num_masked:
+        flat[rng.choice(off, num_masked - len(on), replace=False)] = True
+    return flat
+
+
+def masked_smooth_l1(pred: torch.Tensor, target: torch.Tensor, bool_masked_pos: torch.Tensor,
+                     patch: int, beta: float) -> torch.Tensor:
+    """Per-sample mean smooth-L1 over masked patches' pixels, averaged over samples.
+
+    Args:
+        pred, target: (B, 3, H, W) model space (the full two-cell canvas).
+        bool_masked_pos: (B, (H / patch) * (W / patch)) bool, row-major patch grid.
+    """
+    b, _, h, w = pred.shape
+    m = bool_masked_pos.view(b, 1, h // patch, w // patch).to(pred.dtype)
+    m = F.interpolate(m, scale_factor=patch, mode="nearest")  # (B, 1, H, W) pixel mask
+    per_px = F.smooth_l1_loss(pred, target, reduction="none", beta=beta)
+    per_sample = (per_px * m).sum(dim=(1, 2, 3)) / (m.sum(dim=(1, 2, 3)) * 3).clamp_min(1.0)
+    return per_sample.mean()
+
+
+class PainterTask:
+    """``TrainTask`` of the painter (see ``incontext.train.task``).
+
+    Args:
+        model: ``SegGptConfig`` keyword arguments (architecture; ``image_size`` is the stacked canvas).
+        init_checkpoint: optional folder to start from (e.g. released SegGPT weights) instead of random init.
+        p_lower_half: probability of masking exactly the target half (else random blocks, half the patches).
+        random_background: probability of a random (not black) background colour.
+        hflip: probability of flipping prompt and query together.
+        min_colour_distance: minimum distance between a sample's random colours (0..255 units).
+        embedding_type: type token used in training and evaluation.
+        eval_ensemble: k-shot rule of the evaluation segmenter ("feature" or "spatial").
+    """
+
+    name = "painter"
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        init_checkpoint: str | None = None,
+        p_lower_half: float = 0.1,
+        random_background: float = 0.0,
+        hflip: float = 0.5,
+        min_colour_distance: float = 96.0,
+        embedding_type: str = "instance",
+        eval_ensemble: str = "feature",
+    ) -> None:
+        self.model_config = dict(model)
+        self.init_checkpoint = init_checkpoint
+        self.p_lower_half = float(p_lower_half)
+        self.random_background = float(random_background)
+        self.hflip = float(hflip)
+        self.min_colour_distance = float(min_colour_distance)
+        self.embedding_type = embedding_type
+        self.eval_ensemble = eval_ensemble
+        self._probe = build_seggpt(self.model_config) if init_checkpoint is None else None
+        ref = self._probe if self._probe is not None else load_seggpt(init_checkpoint)
+        self.cell = cell_size(ref)
+        self.patch = int(ref.config.patch_size)
+        self.beta = float(ref.config.beta)
+        self._probe = None  # only needed for the geometry
+
+    # ------------------------------------------------------------------ TrainTask
+    def build_model(self) -> torch.nn.Module:
+        if self.init_checkpoint is not None:
+            return load_seggpt(self.init_checkpoint).train()
+        return build_seggpt(self.model_config).train()
+
+    def make_sample(self, item: TrainItem, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """Tensors of one canvas: ``query``, ``prompt``, ``prompt_mask``, ``label`` (3, h, w) model space and
+        ``bool_masked_pos`` (num_patches,) bool over the stacked canvas."""
+        sup = item.supports[int(rng.integers(len(item.supports)))]
+        classes = sorted(set(np.unique(sup.mask).tolist()) - {0})
+        lut = np.zeros(256, np.uint8)  # support classes -> palette rows 1..C; anything else -> background
+        lut[classes] = np.arange(1, len(classes) + 1)
+        palette = canvas.random_palette(
+            len(classes), rng, self.min_colour_distance,
+            random_background=bool(rng.random() < self.random_background),
+        )
+        h, w = self.cell
+        p_img = canvas.resize_image(sup.image, (h, w))
+        q_img = canvas.resize_image(item.query, (h, w))
+        p_col = canvas.encode_mask(canvas.resize_labels(lut[sup.mask], (h, w)), palette)
+        q_col = canvas.encode_mask(canvas.resize_labels(lut[item.query_mask], (h, w)), palette)
+        if rng.random() < self.hflip:
+            p_img, q_img, p_col, q_col = (np.ascontiguousarray(a[:, ::-1]) for a in (p_img, q_img, p_col, q_col))
+        gh, gw = 2 * h // self.patch, w // self.patch
+        n = gh * gw
+        if rng.random() < self.p_lower_half:
+            bmp = np.zeros(n, bool)
+            bmp[n // 2 :] = True
+        else:
+            bmp = block_mask((gh, gw), n // 2, rng)
+        return {
+            "query": canvas.to_model(q_img),
+            "prompt": canvas.to_model(p_img),
+            "prompt_mask": canvas.to_model(p_col),
+            "label": canvas.to_model(q_col),
+            "bool_masked_pos": torch.from_numpy(bmp),
+        }
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        out = model(
+            pixel_values=batch["query"],
+            prompt_pixel_values=batch["prompt"],
+            prompt_masks=batch["prompt_mask"],
+            labels=batch["label"],  # puts the target into the colour stream (masked patches are replaced)
+            bool_masked_pos=batch["bool_masked_pos"],
+            embedding_type=self.embedding_type,
+        )
+        target = torch.cat([batch["prompt_mask"], batch["label"]], dim=2)
+        loss = masked_smooth_l1(out.pred_masks.float(), target.float(), batch["bool_masked_pos"],
+                                self.patch, self.beta)
+        return loss, {}
+
+    def save_pretrained(self, model: torch.nn.Module, directory: Path) -> None:
+        from transformers.utils import logging as hf_logging
+
+        was = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # one "Writing model shards" bar per checkpoint is noise in the log
+        try:
+            model.save_pretrained(str(directory))
+        finally:
+            if was:
+                hf_logging.enable_progress_bar()
+
+    def segmenter(self, model: torch.nn.Module, device: torch.device):
+        from incontext.pipeline import Pipeline
+
+        stage = PainterStage.from_model(model, ensemble=self.eval_ensemble,
+                                        embedding_type=self.embedding_type, device=device)
+        return Pipeline(name="painter", device=device, generate=stage)

@@ -1,0 +1,275 @@
+"""Painter generator: canvas/colour coding, decoding, k-shot ensembles, HF-layout loading, training sample/loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from incontext.episode import Support
+from incontext.errors import InputError, WeightsNotFoundError
+from incontext.generate import canvas
+from incontext.generate.painter import PainterStage, build_seggpt, load_seggpt, paint
+from incontext.pipeline import Carry
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=[64, 32], patch_size=8,
+            pretrain_image_size=32, merge_index=0, intermediate_hidden_state_indices=[0, 1],
+            decoder_hidden_size=8, drop_path_rate=0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny SegGPT saved exactly as users' BAAI/seggpt-vit-large folders are laid out."""
+    torch.manual_seed(0)
+    model = build_seggpt(TINY)
+    path = tmp_path_factory.mktemp("seggpt_tiny")
+    model.save_pretrained(str(path))
+    return path
+
+
+def _supports(n: int, seed: int = 0) -> list[Support]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        img = rng.integers(0, 255, (40, 52, 3), dtype=np.uint8)
+        m = np.zeros((40, 52), np.uint8)
+        m[10:30, 5:25] = 1
+        out.append(Support.from_arrays(img, m))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ colours
+@pytest.mark.parametrize("n", [1, 3, 20, 150])
+def test_painter_palette_matches_transformers_build_palette(n):
+    from transformers.models.seggpt.image_processing_seggpt import build_palette
+
+    assert canvas.painter_palette(n).tolist() == [list(c) for c in build_palette(n)]
+
+
+def test_painter_palette_reference_values():
+    # seggpt_painter.md section 3: n = 3 -> black, white, (255,255,127), (255,127,255)
+    assert canvas.painter_palette(3).tolist() == [[0, 0, 0], [255, 255, 255], [255, 255, 127], [255, 127, 255]]
+
+
+def test_random_palette_is_seeded_and_separated():
+    a = canvas.random_palette(4, np.random.default_rng(3), min_distance=80)
+    b = canvas.random_palette(4, np.random.default_rng(3), min_distance=80)
+    assert (a == b).all() and a.shape == (5, 3) and (a[0] == 0).all()
+    d = np.linalg.norm(a[:, None].astype(float) - a[None].astype(float), axis=-1)
+    assert d[~np.eye(5, dtype=bool)].min() >= 80
+    bg = canvas.random_palette(1, np.random.default_rng(0), random_background=True)[0]
+    assert bg.any()
+
+
+def test_encode_then_decode_roundtrip_exact():
+    labels = np.random.default_rng(0).integers(0, 6, (17, 23))
+    pal = canvas.painter_palette(5)
+    rgb = torch.from_numpy(canvas.encode_mask(labels, pal)).permute(2, 0, 1).float() / 255
+    assert (canvas.nearest_colour(rgb, pal, (17, 23)).numpy() == labels).all()
+    scores = canvas.palette_scores(rgb, pal, (17, 23))
+    assert torch.allclose(scores.sum(0), torch.ones(17, 23))
+    assert (scores.argmax(0).numpy() == labels).all()
+    with pytest.raises(ValueError, match="no colour"):
+        canvas.encode_mask(labels + 10, pal)
+
+
+def test_binary_score_is_mean_rgb_for_black_white():
+    rgb = torch.rand(3, 8, 8)
+    pal = canvas.binary_palette()
+    s = canvas.binary_score(rgb, pal[0], pal[1], (8, 8))
+    assert torch.allclose(s, rgb.mean(0), atol=1e-6)  # SegGPT's official rule: mean RGB > 0.5
+    # score > 0.5 <=> nearer to white than to black
+    assert ((s > 0.5) == (canvas.nearest_colour(rgb, pal, (8, 8)) == 1)).all()
+
+
+def test_model_space_roundtrip():
+    rgb = np.random.default_rng(1).integers(0, 256, (5, 6, 3), dtype=np.uint8)
+    x = canvas.to_model(rgb)
+    assert x.shape == (3, 5, 6)
+    back = (canvas.denormalise(x) * 255).round().permute(1, 2, 0).numpy()
+    assert (back == rgb).all()
+
+
+def test_tile_and_untile():
+    items = [np.full((10, 14), i + 1, np.uint8) for i in range(3)]
+    t = canvas.tile(items, (32, 32), is_mask=True)
+    assert t.shape == (32, 32) and t[0, 0] == 1 and t[0, 31] == 2 and t[31, 0] == 3 and t[31, 31] == 1
+    cell = torch.arange(4.0).view(1, 2, 2).repeat(3, 1, 1).repeat_interleave(8, 1).repeat_interleave(8, 2)
+    assert torch.allclose(canvas.untile_mean(cell, 2), torch.full((3, 8, 8), 1.5))
+
+
+def test_decoding_matches_transformers_post_processing(tiny_dir):
+    """At the cell's own size (no resize) our nearest-palette decoding equals SegGptImageProcessor's."""
+    from transformers import SegGptImageProcessor
+
+    torch.manual_seed(0)
+    model = load_seggpt(tiny_dir)
+    h, w = 32, 32
+    out = model(pixel_values=torch.randn(1, 3, h, w), prompt_pixel_values=torch.randn(1, 3, h, w),
+                prompt_masks=torch.randn(1, 3, h, w))
+    proc = SegGptImageProcessor(size={"height": h, "width": w})
+    ref = proc.post_process_semantic_segmentation(out, target_sizes=[(h, w)], num_labels=3)[0]
+    rgb = canvas.denormalise(out.pred_masks[0, :, h:])
+    # HF de-normalises then multiplies by 255 before the distance; argmin is scale-invariant
+    ours = canvas.nearest_colour(rgb, canvas.painter_palette(3), (h, w))
+    assert (ours == ref).float().mean() > 0.999  # float ties aside
+
+
+# ------------------------------------------------------------------------------------------ loading
+def test_hf_layout_folder_loads_through_user_path(tiny_dir):
+    assert (tiny_dir / "config.json").is_file() and (tiny_dir / "model.safetensors").is_file()
+    torch.manual_seed(0)
+    ref = build_seggpt(TINY).eval()
+    loaded = load_seggpt(tiny_dir)
+    for (k, a), (k2, b) in zip(ref.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    assert not loaded.training
+
+
+def test_build_painter_method_from_checkpoint_segments(tiny_dir):
+    import incontext
+
+    seg = incontext.build("painter", checkpoint=str(tiny_dir))
+    sup = _supports(2)
+    q = np.random.default_rng(5).integers(0, 255, (30, 44, 3), dtype=np.uint8)
+    pred = seg.segment(q, [(s.image, s.mask) for s in sup])
+    assert pred.mask.shape == (30, 44) and pred.mask.dtype == np.uint8
+    assert pred.scores[1].shape == (30, 44)
+    assert 0.0 <= pred.scores[1].min() <= pred.scores[1].max() <= 1.0
+    assert ((pred.scores[1] > 0.5) == (pred.mask == 1)).all()
+    # prepare once, segment many: a saved context gives the same answer
+    ctx = seg.prepare([(s.image, s.mask) for s in sup])
+    assert np.array_equal(seg.segment(q, ctx).mask, pred.mask)
+
+
+def test_default_seggpt_config_has_release_state_dict_keys():
+    """The default SegGptConfig (= BAAI/seggpt-vit-large) has the release's 354 keys; built on meta, instant."""
+    from transformers import SegGptConfig, SegGptForImageSegmentation
+
+    with torch.device("meta"):
+        full = SegGptForImageSegmentation(SegGptConfig())
+    keys = set(full.state_dict())
+    assert len(keys) == 354
+    assert sum(p.numel() for p in full.parameters()) == pytest.approx(370.7e6, rel=1e-3)
+    tiny24 = build_seggpt({**TINY, "num_hidden_layers": 24, "intermediate_hidden_state_indices": [5, 11, 17, 23],
+                           "merge_index": 2})
+    assert set(tiny24.state_dict()) == keys  # key names do not depend on size
+
+
+def test_missing_checkpoint_names_file_place_and_key(tmp_path):
+    with pytest.raises(WeightsNotFoundError) as e:
+        PainterStage(checkpoint=str(tmp_path / "nowhere"))
+    msg = str(e.value)
+    assert "model.safetensors" in msg and "nowhere" in msg and "generate.checkpoint" in msg
+    assert "huggingface-cli download BAAI/seggpt-vit-large" in msg
+    with pytest.raises(WeightsNotFoundError, match="Hugging Face cache"):
+        load_seggpt("someone/not-cached-seggpt")
+    with pytest.raises(InputError, match="no weights"):
+        PainterStage()
+    with pytest.raises(InputError, match="ensemble"):
+        PainterStage(model_config=TINY, ensemble="average")
+
+
+# ------------------------------------------------------------------------------------------ ensembles
+def test_one_shot_never_uses_feature_ensemble(tiny_dir):
+    """Quirk 1: transformers' feature ensemble changes a K = 1 output, so paint() must not set it."""
+    model = load_seggpt(tiny_dir)
+    g = torch.Generator().manual_seed(0)
+    q, pi, pm = torch.randn(3, 32, 32, generator=g), torch.randn(1, 3, 32, 32, generator=g), \
+        torch.randn(1, 3, 32, 32, generator=g)
+    ours = paint(model, q, pi, pm)
+    plain = model(pixel_values=q[None], prompt_pixel_values=pi, prompt_masks=pm).pred_masks[0, :, 32:]
+    assert torch.allclose(ours, canvas.denormalise(plain))
+
+
+def test_feature_ensemble_for_k_shots(tiny_dir):
+    model = load_seggpt(tiny_dir)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(3, 32, 32, generator=g)
+    pi, pm = torch.randn(3, 3, 32, 32, generator=g), torch.randn(3, 3, 32, 32, generator=g)
+    ours = paint(model, q, pi, pm)
+    ref = model(pixel_values=q[None].repeat(3, 1, 1, 1), prompt_pixel_values=pi, prompt_masks=pm,
+                feature_ensemble=True).pred_masks
+    assert torch.allclose(ours, canvas.denormalise(ref[0, :, 32:]))
+    # the ensemble really mixes the prompts: it differs from each single-prompt answer
+    for i in range(3):
+        assert not torch.allclose(ours, paint(model, q, pi[i : i + 1], pm[i : i + 1]))
+    # the query half is shared across the K canvases (only the seam row differs, via the 3x3 conv)
+    assert torch.allclose(ref[0, :, 33:], ref[1, :, 33:], atol=1e-5)
+
+
+def test_spatial_ensemble_tiles_supports(tiny_dir):
+    stage = PainterStage(checkpoint=str(tiny_dir), ensemble="spatial")
+    state = stage.prepare(_supports(3))
+    assert state["images"].shape == (1, 32, 32, 3) and state["grid"] == 2
+    carry = Carry(query=np.zeros((20, 24, 3), np.uint8), cache={})
+    stage(carry, state)
+    assert carry.prob.shape == (20, 24)
+    assert carry.extras["painted"].shape == (16, 16, 3)  # one averaged tile of the 2 x 2 grid
+    one = PainterStage(checkpoint=str(tiny_dir), ensemble="spatial").prepare(_supports(1))
+    assert one["grid"] == 1  # a single support is plain 1-shot
+
+
+def test_max_shots_and_feature_state(tiny_dir):
+    stage = PainterStage(checkpoint=str(tiny_dir), max_shots=2)
+    state = stage.prepare(_supports(4))
+    assert state["images"].shape == (2, 32, 32, 3) and state["masks"].shape == (2, 32, 32)
+    assert set(np.unique(state["masks"].numpy())) <= {0, 1}
+
+
+def test_multiclass_labels_in_one_pass(tiny_dir):
+    stage = PainterStage(checkpoint=str(tiny_dir))
+    img = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    m = np.zeros((40, 40), np.uint8)
+    m[:20] = 3
+    m[25:, :10] = 7
+    labels, scores = stage.segment_labels(img, [Support.from_arrays(img, m)])
+    assert labels.shape == (40, 40) and set(np.unique(labels)) <= {0, 3, 7}
+    assert scores.shape == (3, 40, 40)
+    assert np.allclose(scores.sum(0), 1.0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ training pieces
+def test_block_mask_exact_count_and_seeded():
+    from incontext.generate.painter_task import block_mask
+
+    for seed in range(5):
+        m = block_mask((8, 4), 16, np.random.default_rng(seed))
+        assert m.shape == (32,) and m.sum() == 16
+    assert (block_mask((8, 4), 16, np.random.default_rng(1)) == block_mask((8, 4), 16, np.random.default_rng(1))).all()
+
+
+def test_loss_equals_transformers_seggpt_loss_with_equal_mask_counts():
+    from transformers.models.seggpt.modeling_seggpt import SegGptLoss
+
+    from incontext.generate.painter_task import block_mask, masked_smooth_l1
+
+    model = build_seggpt(TINY)
+    g = torch.Generator().manual_seed(0)
+    pm, lab = torch.randn(3, 3, 32, 32, generator=g), torch.randn(3, 3, 32, 32, generator=g)
+    pred = torch.randn(3, 3, 64, 32, generator=g)
+    bmp = torch.from_numpy(np.stack([block_mask((8, 4), 16, np.random.default_rng(i)) for i in range(3)]))
+    ref = SegGptLoss(model.config)(pm, pred, lab, bmp)
+    ours = masked_smooth_l1(pred, torch.cat([pm, lab], 2), bmp, 8, model.config.beta)
+    assert torch.allclose(ours, ref, rtol=1e-5)
+
+
+def test_make_sample_colours_prompt_and_target_alike():
+    from incontext.generate.painter_task import PainterTask
+    from incontext.train.data import TrainItem
+
+    task = PainterTask(model=TINY, p_lower_half=1.0, hflip=0.0)
+    sup = _supports(1)[0]
+    item = TrainItem(sup.image, sup.mask, [sup])  # query = support: target colours must equal prompt colours
+    s1 = task.make_sample(item, np.random.default_rng(7))
+    s2 = task.make_sample(item, np.random.default_rng(7))
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert s1["query"].shape == (3, 32, 32) and s1["bool_masked_pos"].shape == (32,)
+    assert s1["bool_masked_pos"][16:].all() and not s1["bool_masked_pos"][:16].any()
+    assert torch.equal(s1["label"], s1["prompt_mask"])
+    fg = canvas.denormalise(s1["label"])[:, 15, 10]  # inside the object
+    assert fg.max() > 0.2  # a random colour, not black
+    other = task.make_sample(item, np.random.default_rng(8))
+    assert not torch.equal(other["label"], s1["label"])  # a new colouring per sample
+    loss, _ = task.loss(task.build_model(), {k: v[None] for k, v in s1.items()})
+    assert loss.ndim == 0 and torch.isfinite(loss)
