@@ -509,7 +509,10 @@ def _resolve_arch(name: str | None, arch: Mapping[str, Any] | DinoV2Arch | None)
     overrides = dict(arch or {})
     if name is not None and name.startswith("dinov2_") and not overrides.get("embed_dim"):
         base, regs = parse_name(name)
-        a = replace(DINOV2_ARCHS[base], num_register_tokens=regs)
+        a = DINOV2_ARCHS[base]
+        if regs:
+            # dinov2/hub/backbones.py: the *_reg entry points use 4 registers, antialiased interpolation, offset 0
+            a = replace(a, num_register_tokens=regs, interpolate_antialias=True, interpolate_offset=0.0)
         return (replace(a, **overrides) if overrides else a), base, regs
     if not overrides:
         raise InputError("build_dinov2: give a known name (e.g. 'dinov2_vitl14') or arch sizes (embed_dim, ...)")
@@ -555,6 +558,8 @@ def build_dinov2(
             this backbone's ``weights``).
     """
     a, base, regs = _resolve_arch(name, arch)
+    if source not in ("auto", "incontext", "hub", "timm", "transformers"):
+        raise InputError(f"build_dinov2: source={source!r}; use auto, incontext, hub, timm or transformers")
     if source == "auto":
         # the torch.hub code when a local copy exists (the published loading path), else the in-package model
         has_hub = (Path(hub_repo) / "hubconf.py").is_file() if hub_repo is not None else default_hub_repo() is not None
@@ -565,21 +570,27 @@ def build_dinov2(
         label = f"DINOv2 weights ({name})"
         state_dict = read_state_dict(weights, name=label)
         check_keys(state_dict, DinoV2ViT_keys(a), name=label, path=weights)
-    elif str(weights) == "random":
+    built = None
+    if str(weights) == "random":
         torch.manual_seed(seed)
-        state_dict = DinoV2ViT(a).state_dict()
+        built = DinoV2ViT(a)  # the random init is defined by our module; other sources copy its weights
+        state_dict = built.state_dict()
 
     if source == "incontext":
-        model = DinoV2ViT(a)
-        model.load_state_dict(state_dict, strict=True)
+        if built is not None:
+            model = built
+        else:
+            # no random init to throw away (ViT-g: seconds and 4.5 GB): build on meta, adopt the loaded tensors
+            with torch.device("meta"):
+                model = DinoV2ViT(a)
+            sd32 = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+            model.load_state_dict(sd32, strict=True, assign=True)
     elif source == "hub":
         model = _load_hub(name, a, state_dict, hub_repo, hub_entry or name, offline)
     elif source == "timm":
         model = _load_timm(a, base, state_dict)
     elif source == "transformers":
         model = _load_transformers(a, state_dict, weights)
-    else:
-        raise InputError(f"build_dinov2: source={source!r}; use incontext, hub, timm or transformers")
     uid = model_id(name or "dinov2_custom", weights, seed=seed, arch=a)
     return DinoFeatures(model, backend=source, arch=a, name=uid).to(device)
 

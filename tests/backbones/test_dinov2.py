@@ -259,3 +259,14 @@ def test_swiglu_round_trip_and_timm(tmp_path):
     tim = build_dinov2("dinov2_tiny_g", arch=arch, weights=path, source="timm")
     x = ref.normalize(_images(n=1))
     torch.testing.assert_close(ref.patch_tokens(x)["normed"], tim.patch_tokens(x)["normed"], atol=2e-5, rtol=1e-5)
+
+
+def test_register_entry_points_use_hub_interpolation():
+    """dinov2/hub/backbones.py: *_reg models use 4 registers, antialiased interpolation and offset 0."""
+    from incontext.backbones.dinov2 import _resolve_arch
+
+    reg, _, regs = _resolve_arch("dinov2_vitl14_reg", None)
+    plain, _, _ = _resolve_arch("dinov2_vitl14", None)
+    assert regs == 4 and reg.num_register_tokens == 4
+    assert (reg.interpolate_antialias, reg.interpolate_offset) == (True, 0.0)
+    assert (plain.interpolate_antialias, plain.interpolate_offset) == (False, 0.1)

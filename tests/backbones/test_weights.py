@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -91,19 +88,23 @@ def test_hf_folder_for_seggpt(isolated):
     assert W.resolve("seggpt_vit_large") == d
 
 
-def test_status_command_exits_zero_and_lists_every_weight(tmp_path):
-    env = dict(os.environ, TORCH_HOME=str(tmp_path / "th"), HOME=str(tmp_path), HF_HUB_CACHE=str(tmp_path / "hf"))
-    (tmp_path / "th" / "hub" / "checkpoints").mkdir(parents=True)
-    (tmp_path / "th" / "hub" / "checkpoints" / "dinov2_vitb14_pretrain.pth").write_bytes(b"0" * 10)
-    run = subprocess.run([sys.executable, "-m", "incontext.weights"], capture_output=True, text=True, env=env,
-                         cwd=tmp_path, timeout=300)
-    assert run.returncode == 0, run.stderr
-    lines = run.stdout.strip().splitlines()
+def test_status_command_exits_zero_and_lists_every_weight(isolated, capsys):
+    import runpy
+
+    d = isolated / "torch_hub" / "checkpoints"
+    d.mkdir(parents=True)
+    (d / "dinov2_vitb14_pretrain.pth").write_bytes(b"0" * 10)
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module("incontext.weights", run_name="__main__")  # what `python -m incontext.weights` runs
+    assert exit_.value.code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
     names = [ln.split()[0] for ln in lines]
     assert names[: len(W.KNOWN_WEIGHTS)] == list(W.KNOWN_WEIGHTS)
     found = dict((ln.split()[0], ln) for ln in lines)
-    assert "found" in found["dinov2_vitb14"] and "dinov2_vitb14_pretrain.pth" in found["dinov2_vitb14"]
+    assert "found" in found["dinov2_vitb14"] and str(d / "dinov2_vitb14_pretrain.pth") in found["dinov2_vitb14"]
     assert "MISSING" in found["sam_vit_h"] and "wget -P" in found["sam_vit_h"]
+    assert "MISSING" in found["seggpt_vit_large"] and "BAAI/seggpt-vit-large" in found["seggpt_vit_large"]
+    assert lines[-1].startswith("dinov2 hub code")
 
 
 def test_builders_report_missing_and_wrong_files(isolated):
