@@ -7,6 +7,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from incontext.backbones.dinov2 import DinoV2Arch, DinoV2ViT, build_dinov2, from_arch_json
@@ -151,6 +152,10 @@ def test_matcher_fixture_prenorm_tokens(parity_dir):
     np.testing.assert_allclose(out["cls"].numpy(), expected["support_cls_prenorm"], atol=1e-4, rtol=0)
     q = feats.patch_tokens(feats.normalize(inputs["query_image"][None]))
     np.testing.assert_allclose(q["prenorm"][0].numpy(), expected["query_prenorm"], atol=1e-4, rtol=0)
+    # preprocess() of the original file reproduces Matcher's torchvision Resize((518, 518)) on the PIL image
+    src = next((case / "inputs").glob("support_0.*"))
+    original = np.asarray(Image.open(src).convert("RGB"))
+    assert torch.equal(feats.preprocess([original], size=518), feats.normalize(inputs["support_images"]))
 
 
 @pytest.mark.parametrize("source", ["hub", "timm", "transformers"])
