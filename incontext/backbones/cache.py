@@ -132,7 +132,9 @@ class FeatureCache:
                           metadata={"backbone": key.backbone, "resolution": key.resolution, "digest": key.digest})
         return value
 
-    def get_or_compute(self, key: CacheKey, compute: Callable[[], Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def get_or_compute(
+        self, key: CacheKey, compute: Callable[[], Mapping[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
         """Cached value for ``key``, else ``compute()`` stored under ``key``."""
         value = self.get(key)
         if value is None:

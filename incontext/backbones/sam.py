@@ -106,7 +106,8 @@ class SamArch:
             problems.append(f"mask_in_chans={self.mask_in_chans} must be a multiple of 4")
         if any(not 0 <= i < self.encoder_depth for i in self.encoder_global_attn_indexes):
             problems.append(
-                f"encoder_global_attn_indexes={list(self.encoder_global_attn_indexes)} outside 0..{self.encoder_depth - 1}"
+                f"encoder_global_attn_indexes={list(self.encoder_global_attn_indexes)} outside "
+                f"0..{self.encoder_depth - 1}"
             )
         if self.image_format not in ("RGB", "BGR"):
             problems.append(f"image_format={self.image_format!r} must be 'RGB' or 'BGR'")
@@ -401,6 +402,16 @@ class BatchedSamPredictor(SamPredictor):
         if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3:
             raise InputError(f"SAM image: got {a.dtype} array of shape {a.shape}; expected (H, W, 3) uint8 RGB")
         return a
+
+    def preprocess_image(self, image: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 -> (1, 3, S, S) float: exactly what ``set_image`` feeds the encoder (S = 1024).
+
+        ResizeLongestSide (the package's transform), pixel mean/std normalisation, zero padding at the bottom and
+        right. PerSAM runs its 3-channel reference mask through this same path (see shared/reference/persam.md).
+        """
+        a = self._check_image(image)
+        resized = torch.as_tensor(self.transform.apply_image(a), device=self.device)
+        return self.model.preprocess(resized.permute(2, 0, 1).contiguous()[None].float())
 
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
         """Encode ``image`` ((H, W, 3) uint8) with SAM's preprocessing and keep its features."""

@@ -62,6 +62,12 @@ def test_persam_fixture_features_and_hook_free_passes(parity_dir):
     assert emb.original_size == tuple(inputs["test_original_size"]) and emb.input_size == tuple(inputs["test_input_size"])
     np.testing.assert_allclose(emb.features.numpy(), inputs["test_features"], atol=1e-4, rtol=0)
 
+    # the reference mask through the image path (PerSAM's mask-grid quirk), then bilinear to 64x64, channel 0
+    mask = np.asarray(Image.open(case / "inputs" / "support_0_mask.png").convert("RGB"))
+    assert np.array_equal(pred.transform.apply_image(mask), inputs["ref_mask_resized"])
+    grid = torch.nn.functional.interpolate(pred.preprocess_image(mask), size=(64, 64), mode="bilinear")
+    np.testing.assert_allclose(grid[0, 0].numpy(), ps["ref_mask_grid_values"], atol=1e-5, rtol=0)
+
     # pass 2: points + the pass-1 low-res logits as mask input, multimask (PerSAM's second call, no hooks)
     r2 = pred.decode(ps["pass2_point_coords"][None], ps["pass2_point_labels"][None],
                      mask_input=ps["pass1_low_res_logits"][None], multimask_output=True)
