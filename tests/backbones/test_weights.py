@@ -122,3 +122,10 @@ def test_builders_report_missing_and_wrong_files(isolated):
     torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(1)}, d / "dinov2_vitg14_pretrain.pth")
     with pytest.raises(InputError, match="does not match the model"):
         build_dinov2("dinov2_vitg14")
+
+
+def test_hub_source_offline_without_local_code(isolated):
+    arch = dict(embed_dim=32, depth=1, num_heads=2, img_size=56)
+    with pytest.raises(WeightsNotFoundError, match="hubconf.py.*git clone https://github.com/facebookresearch/dinov2"):
+        build_dinov2("dinov2_tiny", arch=arch, weights="random", source="hub")
+    assert build_dinov2("dinov2_tiny", arch=arch, weights="random", source="auto").backend == "incontext"
