@@ -175,6 +175,7 @@ def fit_mask_weights(
     weight_decay: float = 0.01,
     betas: tuple[float, float] = (0.9, 0.999),
     record: bool = False,
+    stop_after: int | None = None,
 ) -> MaskWeightFit:
     """Fit PerSAM-F's two mask weights on cached logits (same result as the official loop, much faster).
 
@@ -184,17 +185,20 @@ def fit_mask_weights(
         target: (H, W) bool reference mask (official: red channel > 0).
         iterations, lr, eps, weight_decay, betas: optimiser settings (official defaults).
         record: keep the per-iteration history (adds one reduction per iteration).
+        stop_after: run only the first n iterations of the ``iterations``-long schedule (diagnostics, e.g.
+            comparing the start of a long trajectory); None runs them all.
 
     Returns:
         MaskWeightFit with ``w`` (2,), ``weights`` (3,) and, if recorded, ``history``.
     """
     if iterations < 1:
         raise InputError(f"iterations: expected a positive count, got {iterations}")
+    steps = iterations if stop_after is None else min(int(stop_after), iterations)
     with torch.inference_mode(False), torch.no_grad():
-        return _fit(logits, target, iterations, lr, eps, weight_decay, betas, record)
+        return _fit(logits, target, iterations, steps, lr, eps, weight_decay, betas, record)
 
 
-def _fit(logits, target, iterations, lr, eps, weight_decay, betas, record) -> MaskWeightFit:
+def _fit(logits, target, iterations, steps, lr, eps, weight_decay, betas, record) -> MaskWeightFit:
     flat, y = _check(logits, target)
     n = flat.shape[1]
     n_fg = int(y.sum())
@@ -203,7 +207,7 @@ def _fit(logits, target, iterations, lr, eps, weight_decay, betas, record) -> Ma
     bg = _Group(flat[:, ~y], 1.0, 1.0 - FOCAL_ALPHA)
     w, opt, sched = _optimiser(iterations, lr, eps, weight_decay, betas)
     history: dict[str, list] = {"w_used": [], "lr": [], "loss": [], "dice": [], "focal": []} if record else {}
-    for _ in range(iterations):
+    for _ in range(steps):
         weights = _mixing(w)
         fg.forward(weights)
         bg.forward(weights)
