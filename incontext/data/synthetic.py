@@ -11,7 +11,7 @@ agree).
 
 **Images.** A background mosaic of 4-8 warped Voronoi regions, each textured from the same pattern families and
 palette as the objects (continuous random parameters); 1-3 instances of each target class; 1-4 distractor
-instances of *other classes of the same split*, in groups of 1-3 like the targets; 2-4 clutter objects
+instances of *other classes of the same split*, in groups of 1-3 like the targets; 3-5 clutter objects
 (combinations of the same shape, pattern and colour-scheme lists that are no class of the table, unlabelled). Distractor groups are chosen relative to a target class: a shape
 twin (same shape, another appearance, p=0.3), an appearance twin (same pattern and colours, another shape,
 p=0.3), a colour twin (same colours, another pattern and shape, 0.15), a pattern twin (0.1) or any class (0.15).
@@ -283,7 +283,7 @@ class SceneRenderer:
         for it in items:
             it.force = it.role == "target"
         next(it for it in items if it.role == "distractor").force = True  # every image has a distractor
-        for _ in range(2 + int(rng.integers(3))):
+        for _ in range(3 + int(rng.integers(3))):
             items.append(self._clutter_item(rng))
         order = rng.permutation(len(items))  # depth: first placed is deepest
         items = [items[i] for i in order]
