@@ -38,6 +38,7 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-class", type=int, default=5, help="images per class from a dataset source")
     p.add_argument("--size", type=int, default=224, help="image side for a rendered dataset source")
     p.add_argument("--seed", type=int, default=0, help="seed for a rendered dataset source")
+    p.add_argument("--max-classes", type=int, default=None, help="only N classes (evenly spaced) of a dataset source")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -91,7 +92,7 @@ def _add(bank, args: argparse.Namespace) -> list[int]:
     from incontext.retrieve.sources import source_items
 
     extra = {} if Path(args.source).expanduser().exists() else \
-        {"per_class": args.per_class, "size": args.size, "seed": args.seed}
+        {"per_class": args.per_class, "size": args.size, "seed": args.seed, "max_classes": args.max_classes}
     items, total = source_items(args.source, cls=args.cls, split=args.split, limit=args.limit, **extra)
     _log(f"bank: embedding {total} item(s) from {args.source}")
     return bank.add(items, total=total, copy=args.copy, cache=not args.no_cache, progress=not args.quiet)

@@ -257,7 +257,8 @@ class PromptBank:
         with open(vdir / "meta.jsonl", encoding="utf-8") as fh:
             bank.entries = [Entry.from_json(json.loads(line)) for line in fh if line.strip()]
         bank.index = VectorIndex.from_bytes((vdir / "index.faiss").read_bytes(), spec.image_dim,
-                                            manifest["factory"], bank.index_cfg.nprobe, bank.index_cfg.ef_search)
+                                            manifest["factory"], bank.index_cfg.nprobe, bank.index_cfg.ef_search,
+                                            bank.index_cfg.k_factor)
         bank.next_id = int(manifest["next_id"])
         bank.version = vdir.name
         n = int(manifest["count"])
@@ -405,7 +406,8 @@ class PromptBank:
         ids = np.array([e.id for e in new_entries], np.int64)
         if self.index is None:
             factory = self.index_cfg.resolve(len(ids) if total is None else max(total, len(ids)))
-            self.index = VectorIndex(iv.shape[1], factory, self.index_cfg.nprobe, self.index_cfg.ef_search)
+            self.index = VectorIndex(iv.shape[1], factory, self.index_cfg.nprobe, self.index_cfg.ef_search,
+                                     train_iters=self.index_cfg.train_iters, k_factor=self.index_cfg.k_factor)
             self.index.train(iv, self.index_cfg.train_size)
         self.index.add(iv, ids)
         self.entries = self.entries + new_entries

@@ -49,7 +49,11 @@ class IndexConfig:
         ef_search: HNSW candidate-list size at search time (FAISS default 16).
         train_size: at most this many vectors are used to train IVF/PQ (k-means subsamples beyond
             256 points per centroid anyway).
+        train_iters: k-means iterations for the IVF centroids (FAISS's default is 25; training time is linear
+            in it; see benchmarks/bank_speed.py for the recall it costs).
         auto_flat_max: see ``factory="auto"``.
+        k_factor: for factories ending in a refinement (``...,RFlat`` / ``...,Refine(SQ8)``): candidates
+            re-ranked per result (FAISS's default of 1 re-ranks nothing).
         exact_subset_max: a class-restricted search over at most this many entries is done exactly on the
             stored vectors (cheaper and exact; approximate indexes lose recall under very selective filters).
     """
@@ -58,7 +62,9 @@ class IndexConfig:
     nprobe: int = 32
     ef_search: int = 64
     train_size: int = 262_144
+    train_iters: int = 10
     auto_flat_max: int = 200_000
+    k_factor: int = 4
     exact_subset_max: int = 20_000
 
     def resolve(self, n: int) -> str:
@@ -87,12 +93,14 @@ class VectorIndex:
     """
 
     def __init__(
-        self, dim: int, factory: str, nprobe: int = 32, ef_search: int = 64, index: faiss.Index | None = None
+        self, dim: int, factory: str, nprobe: int = 32, ef_search: int = 64, index: faiss.Index | None = None,
+        train_iters: int = 10, k_factor: int = 4,
     ) -> None:
         self.dim = int(dim)
         self.factory = factory
         self.nprobe = int(nprobe)
         self.ef_search = int(ef_search)
+        self.k_factor = int(k_factor)
         if index is None:
             try:
                 inner = faiss.index_factory(self.dim, factory, faiss.METRIC_INNER_PRODUCT)
@@ -103,7 +111,9 @@ class VectorIndex:
                     "(PQ's sub-quantizer count must divide the dimension)"
                 ) from exc
             _no_polysemous(inner)
-            index = inner if self._is_ivf(inner) else faiss.IndexIDMap2(inner)
+            if self._is_ivf(inner):
+                faiss.extract_index_ivf(inner).cp.niter = int(train_iters)
+            index = inner if _native_ids(inner) else faiss.IndexIDMap2(inner)
         if index.d != self.dim:
             raise InputError(f"index: stored index has dimension {index.d}, bank vectors have {self.dim}")
         self.index = index
@@ -142,6 +152,8 @@ class VectorIndex:
             ps.set_index_parameter(self.index, "nprobe", self.nprobe)
         elif self.kind == "hnsw":
             self._inner().hnsw.efSearch = self.ef_search
+        if isinstance(self._inner(), faiss.IndexRefine):
+            ps.set_index_parameter(self.index, "k_factor_rf", self.k_factor)
 
     # ------------------------------------------------------------------ state
     @property
@@ -199,10 +211,10 @@ class VectorIndex:
     def empty_like(self) -> "VectorIndex":
         """An empty index of the same factory that keeps any training (IVF centroids, PQ code books)."""
         if self.kind in ("flat", "hnsw"):
-            return VectorIndex(self.dim, self.factory, self.nprobe, self.ef_search)
+            return VectorIndex(self.dim, self.factory, self.nprobe, self.ef_search, k_factor=self.k_factor)
         clone = faiss.clone_index(self.index)
         clone.reset()
-        return VectorIndex(self.dim, self.factory, self.nprobe, self.ef_search, index=clone)
+        return VectorIndex(self.dim, self.factory, self.nprobe, self.ef_search, index=clone, k_factor=self.k_factor)
 
     # ------------------------------------------------------------------ search
     def search(
@@ -224,14 +236,18 @@ class VectorIndex:
             scores, ids = self.index.search(q, k)
         else:
             params = self._params(faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64)))
-            if params is not None:
+            try:
+                if params is None:
+                    raise RuntimeError("no selector support")
                 scores, ids = self.index.search(q, k, params=params)
-            else:
+            except RuntimeError:  # index kinds whose search takes other parameter types (e.g. IndexRefine)
                 scores, ids = self._search_overfetch(q, k, np.asarray(allowed, dtype=np.int64))
         scores = np.where(ids < 0, -np.inf, scores).astype(np.float32)
         return scores, ids
 
     def _params(self, sel: faiss.IDSelector) -> faiss.SearchParameters | None:
+        if isinstance(self._inner(), faiss.IndexRefine):
+            return None
         kind = self.kind
         if kind == "ivf":
             p = faiss.SearchParametersIVF(sel=sel, nprobe=self.nprobe)
@@ -268,16 +284,25 @@ class VectorIndex:
 
     @classmethod
     def from_bytes(
-        cls, data: bytes, dim: int, factory: str, nprobe: int = 32, ef_search: int = 64
+        cls, data: bytes, dim: int, factory: str, nprobe: int = 32, ef_search: int = 64, k_factor: int = 4
     ) -> "VectorIndex":
         index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-        return cls(dim, factory, nprobe, ef_search, index=index)
+        return cls(dim, factory, nprobe, ef_search, index=index, k_factor=k_factor)
 
     def ids(self) -> np.ndarray | None:
         """All stored ids when the index kind keeps a map (IDMap2), else None."""
         if isinstance(self.index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
             return faiss.vector_to_array(self.index.id_map).astype(np.int64)
         return None
+
+
+def _native_ids(index: faiss.Index) -> bool:
+    """True when ``add_with_ids``/``remove_ids`` work on ``index`` itself: an IVF index, possibly behind
+    pre-transforms (OPQ, PCA). Refine wrappers and everything else go inside ``IndexIDMap2``."""
+    node = faiss.downcast_index(index)
+    while isinstance(node, faiss.IndexPreTransform):
+        node = faiss.downcast_index(node.index)
+    return isinstance(node, faiss.IndexIVF)
 
 
 def _no_polysemous(index: faiss.Index) -> None:

@@ -29,10 +29,12 @@ BANK_STREAM = 7
 
 def synthetic_items(
     split: str = "test", per_class: int = 5, size: int = 224, seed: int = 0, limit: int | None = None,
-    classes: list[int] | None = None,
+    classes: list[int] | None = None, max_classes: int | None = None,
 ) -> tuple[Iterator[BankItem], int]:
-    """``per_class`` rendered images of each class of ``split`` (or of ``classes``): a lazy iterator and its
-    length. Images are drawn shot-major (every class once, then again), so ``limit`` keeps classes balanced."""
+    """``per_class`` rendered images of each class of ``split`` (or of ``classes``; only the first
+    ``max_classes``, evenly spaced over the split's list so that they cover different appearances, when
+    given): a lazy iterator and its length. Images are drawn shot-major (every class once,
+    then again), so ``limit`` keeps classes balanced."""
     from incontext.data.base import episode_rng, split_key
     from incontext.data.synthetic import SceneRenderer, class_table
 
@@ -41,6 +43,8 @@ def synthetic_items(
     renderer = SceneRenderer(split, size)
     table = class_table()
     ids = [c.id for c in renderer.classes] if classes is None else list(classes)
+    if max_classes and max_classes < len(ids):
+        ids = [ids[int(round(j))] for j in np.linspace(0, len(ids) - 1, int(max_classes))]
     key = split_key(f"synthetic/{split}/bank")
     total = per_class * len(ids) if limit is None else min(int(limit), per_class * len(ids))
 
