@@ -250,6 +250,16 @@ class PromptBank:
         if embedder.spec != spec:
             raise CorruptBankError(_corrupt(root, f"the stored embedder rebuilds as {embedder.spec} but the manifest "
                                                   f"records {spec} (incontext version or feature code changed)"))
+        if "probe" in emb_doc:
+            now = embedder.probe()
+            before = np.asarray(emb_doc["probe"], np.float32)
+            if now.shape != before.shape or float(now @ before) < 0.999:
+                raise InputError(
+                    f"bank {root}: the embedding code now computes different vectors than when the bank was built "
+                    f"({spec.name}; probe cosine {float(now @ before) if now.shape == before.shape else 0:.4f}), "
+                    f"so its stored vectors no longer match new queries; rebuild it with "
+                    f"`python -m incontext.bank build <source> <new_dir> --config <its config>`"
+                )
         mode = "r" if mmap else None
         bank.ids = np.load(vdir / "ids.npy", mmap_mode=mode)
         bank.image_vecs = np.load(vdir / "image_emb.npy", mmap_mode=mode)
@@ -605,7 +615,8 @@ class PromptBank:
                 "ids.npy": _npy_bytes(np.asarray(self.ids, np.int64)),
                 "image_emb.npy": _npy_bytes(np.asarray(self.image_vecs, np.float32)),
                 "object_emb.npy": _npy_bytes(np.asarray(self.object_vecs, np.float32)),
-                "embedder.json": json.dumps({"config": self.embedder.config, "state": self.embedder.state_dict()},
+                "embedder.json": json.dumps({"config": self.embedder.config, "state": self.embedder.state_dict(),
+                                             "probe": np.round(self.embedder.probe(), 6).tolist()},
                                             indent=1).encode(),
             }
             files = {}

@@ -385,6 +385,17 @@ class FeatureEmbedder:
             spec=self.spec,
         )
 
+    def probe(self) -> np.ndarray:
+        """Image vector of a fixed synthetic image: a fingerprint of what the feature *code* computes.
+
+        Stored with a bank and recomputed on load, it catches a change of the extractor's implementation that
+        the configuration hash cannot see (the stored vectors would no longer match new queries)."""
+        yy, xx = np.mgrid[0:96, 0:112].astype(np.float32)
+        img = np.stack([xx * 2.2, yy * 2.6, 128 + 100 * np.sin(xx / 5.0) * np.cos(yy / 7.0)], -1)
+        img[30:70, 40:90] = ((((xx[30:70, 40:90] // 6 + yy[30:70, 40:90] // 6) % 2) * 180 + 40)[..., None]
+                             * np.array([1.0, 0.4, 0.2], np.float32))
+        return self.query(np.clip(img, 0, 255).astype(np.uint8)).vector
+
     def object_vector(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """(object_dim,) unit vector of the masked object in ``image``."""
         return self.object_vectors(self.raw([image], [mask]))[0]

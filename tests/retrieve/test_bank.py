@@ -224,3 +224,21 @@ def test_embedding_cache_is_reused(source_dir, tmp_path, fast_config, monkeypatc
     b2.add(folder_items(source_dir), cache=tmp_path / "cache", progress=False)
     assert sum(calls) == 12, "second build recomputed cached embeddings"
     assert np.array_equal(b1.image_vecs, b2.image_vecs) and b1.spec == b2.spec
+
+
+def test_changed_feature_code_is_refused(saved_bank, tmp_path, monkeypatch):
+    from incontext.features import HandcraftedFeatures
+
+    root = _copy(saved_bank, tmp_path / "bank")
+    PromptBank.load(root)
+    real = HandcraftedFeatures.__call__
+    monkeypatch.setattr(HandcraftedFeatures, "__call__", lambda self, image: real(self, image).flip(0))
+    with pytest.raises(InputError, match="embedding code now computes different vectors"):
+        PromptBank.load(root)
+
+
+def test_shipped_demo_bank_loads_and_searches():
+    bank = PromptBank.load(REPO / "prompts_bank" / "synthetic-mini", verify="full")
+    assert len(bank) == 32 and len(bank.classes) == 16
+    s, ids = bank.search(bank.image_vecs[:1], 3, spec=bank.spec)
+    assert ids[0, 0] == bank.ids[0]
