@@ -58,6 +58,7 @@ class TrainTask(Protocol):
 # ``task._target_``; this table is for listing and for error messages.
 TASKS: dict[str, str] = {
     "painter": "incontext.generate.painter_task.PainterTask",
+    "sam": "incontext.train.sam_task.SamTask",
 }
 
 
