@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -48,3 +49,22 @@ def test_no_fallback_when_configured_or_disabled(places):
     pred = shipped.build_default_sam("sam_tiny", arch=ARCH.__dict__ | {"encoder_global_attn_indexes": (1,)},
                                      weights="random")
     assert pred.name.startswith("sam_tiny@seed0")  # build_sam itself, seeded random init
+
+
+def test_encoder_features_for_matcher():
+    from incontext.backbones.sam import BatchedSamPredictor
+    from incontext.errors import InputError
+
+    torch.manual_seed(0)
+    sam = build_sam_model(ARCH)  # 64 px input, 8x8 tokens
+    feats = shipped.SamEncoderFeatures(BatchedSamPredictor(sam), work_size=256)
+    assert feats.patch_size == 32 and feats.embed_dim == 32
+    imgs = np.random.default_rng(0).integers(0, 255, (3, 256, 256, 3), dtype=np.uint8)
+    x = feats.normalize(imgs)
+    assert x.shape == (3, 3, 64, 64)
+    tok = feats.patch_tokens(x, batch_size=2)["prenorm"]
+    with torch.no_grad():
+        ref = sam.image_encoder(x).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(tok, ref)  # row-major grid of the neck output
+    with pytest.raises(InputError, match="multiple"):
+        shipped.SamEncoderFeatures(BatchedSamPredictor(sam), work_size=250)
