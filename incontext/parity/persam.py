@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from incontext.errors import InputError
+from incontext.parity.common import MASK_RULES, apply_mask_rule, case_path, raw_mask_array
 
 __all__ = ["PerSamCase", "load_case", "read_rgb", "reference_red_channel", "run_persam", "run_persam_f"]
 
@@ -64,7 +65,7 @@ def read_rgb(path: Path, name: str) -> np.ndarray:
     """(H, W, 3) uint8 RGB like the published ``cv2.imread(path)`` + ``cv2.cvtColor(BGR2RGB)``."""
     import cv2
 
-    if not path.is_file():
+    if not Path(path).is_file():
         raise InputError(f"{name}: no file at {path}; the case folder must contain the paths meta.json names")
     bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if bgr is None:
@@ -77,19 +78,15 @@ def reference_red_channel(path: Path, rule: str) -> np.ndarray:
 
     Args:
         path: the mask file as given in the case.
-        rule: ``meta.json -> inputs.mask_rule``. Rules naming "any channel > t" (RGB masks, possibly
-            anti-aliased) binarise with that threshold and paint foreground 128; rules naming a palette index
-            use the PNG's palette indices (> 0 = foreground, painted 128); anything else (PerSeg: "red channel >
-            0") keeps the decoded red channel as it is.
+        rule: ``meta.json -> inputs.mask_rule``. The shared tokens of ``incontext.parity.common``
+            (``palette_index>0``, ``rgb_any>127``) are applied as there; free-text rules naming "any channel > t"
+            or a binarisation (RGB masks, possibly anti-aliased) binarise with that threshold (default 127);
+            in both cases foreground is painted 128 like the fixture generator did. Anything else (PerSeg:
+            "cv2.imread -> RGB, red channel > 0") keeps the decoded red channel as it is.
     """
-    text = rule.lower()
-    if "palette" in text and "index" in text:
-        from PIL import Image
-
-        with Image.open(path) as im:
-            if im.mode != "P":
-                raise InputError(f"reference mask: rule {rule!r} expects a palette PNG, {path} is {im.mode}")
-            fg = np.asarray(im) > 0
+    text = rule.strip().lower()
+    if text in MASK_RULES:
+        fg = apply_mask_rule(raw_mask_array(path, text), text)
         return fg.astype(np.uint8) * np.uint8(PERSEG_RED)
     if re.search(r"any channel|binari[sz]|>\s*127", text):
         found = re.search(r">\s*(\d+)", text)
@@ -117,16 +114,16 @@ def load_case(case_dir: str | Path) -> PerSamCase:
         raise InputError(f"case_dir: no meta.json in {d}; pass a PerSAM parity case folder")
     meta = json.loads(meta_path.read_text())
     rule = meta.get("inputs", {}).get("mask_rule") or meta.get("ref_mask_encoding") or "red channel > 0"
-    ref_image = read_rgb(d / _entry(meta, "ref_image"), "reference image")
-    query = read_rgb(d / _entry(meta, "test_image"), "query image")
-    red = reference_red_channel(d / _entry(meta, "ref_mask"), rule)
+    ref_image = read_rgb(case_path(d, _entry(meta, "ref_image"), "reference image"), "reference image")
+    query = read_rgb(case_path(d, _entry(meta, "test_image"), "query image"), "query image")
+    red = reference_red_channel(case_path(d, _entry(meta, "ref_mask"), "reference mask"), rule)
     if red.shape != ref_image.shape[:2]:
         raise InputError(
             f"reference mask: {red.shape[1]}x{red.shape[0]} but its image is "
             f"{ref_image.shape[1]}x{ref_image.shape[0]}; the published code needs them equal"
         )
-    config = d / meta.get("model_config", "../model/model_config.json")
-    weights = d / meta["model_weights"] if meta.get("model_weights") else None
+    config = case_path(d, meta.get("model_config", "../model/model_config.json"), "model_config")
+    weights = case_path(d, meta["model_weights"], "model_weights") if meta.get("model_weights") else None
     args = meta.get("persam_f_args", {})
     return PerSamCase(dir=d, meta=meta, ref_image=ref_image, query_image=query, ref_red=red,
                       model_config=config, model_weights=weights,
