@@ -104,12 +104,13 @@ def _check(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, to
             f"target: mask shape {tuple(target.shape)} differs from the logits' {tuple(logits.shape[1:])}; "
             "both must be at the reference image's original size"
         )
-    return logits.detach().float().reshape(3, -1), target.reshape(-1).bool()
+    flat = logits.detach().float().reshape(3, -1)
+    return flat, target.reshape(-1).bool().to(flat.device)
 
 
 def _optimiser(iterations: int, lr: float, eps: float, weight_decay: float,
-               betas: tuple[float, float]):
-    w = torch.nn.Parameter(torch.ones(2, 1) / 3)
+               betas: tuple[float, float], device: torch.device | str = "cpu"):
+    w = torch.nn.Parameter(torch.ones(2, 1, device=device) / 3)
     opt = torch.optim.AdamW([w], lr=lr, eps=eps, betas=betas, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iterations)
     return w, opt, sched
@@ -121,8 +122,8 @@ def _mixing(w: torch.Tensor) -> torch.Tensor:
 
 
 def _result(w: torch.Tensor, history: dict[str, list]) -> MaskWeightFit:
-    w2 = w.detach().reshape(2).clone()
-    weights = _mixing(w.detach()).reshape(3).clone()
+    w2 = w.detach().reshape(2).cpu().clone()
+    weights = _mixing(w.detach()).reshape(3).cpu().clone()
     hist = {k: np.asarray(v) for k, v in history.items()}
     if "w_used" in hist:
         hist["w_used"] = hist["w_used"].astype(np.float32).reshape(-1, 2)
@@ -137,7 +138,7 @@ class _Group:
         n = self.signed.shape[1]
         self.alpha = alpha
         self.buf3 = torch.empty_like(self.signed)
-        self.t, self.p, self.q, self.lq, self.g = (torch.empty(n) for _ in range(5))
+        self.t, self.p, self.q, self.lq, self.g = (torch.empty(n, device=logits.device) for _ in range(5))
 
     def forward(self, weights: torch.Tensor) -> None:
         """t = sign * mixed logit; p = sigmoid(t) (prob. of the wrong label); q = 1 - p; lq = log q."""
@@ -224,7 +225,7 @@ def _fit(logits, target, iterations, steps, lr, eps, weight_decay, betas, record
     # Official: alpha_t = alpha for targets 1, 1 - alpha for targets 0; focal mean over all n pixels.
     fg = _Group(flat[:, y], -1.0, FOCAL_ALPHA)
     bg = _Group(flat[:, ~y], 1.0, 1.0 - FOCAL_ALPHA)
-    w, opt, sched = _optimiser(iterations, lr, eps, weight_decay, betas)
+    w, opt, sched = _optimiser(iterations, lr, eps, weight_decay, betas, flat.device)
     history: dict[str, list] = {"w_used": [], "lr": [], "loss": [], "dice": [], "focal": []} if record else {}
     for _ in range(steps):
         weights = _mixing(w)
@@ -240,7 +241,7 @@ def _fit(logits, target, iterations, steps, lr, eps, weight_decay, betas, record
         if record:
             dice = 1.0 - num / denom
             focal = (fg.focal_sum() + bg.focal_sum()) / n
-            history["w_used"].append(w.detach().reshape(2).clone().numpy())
+            history["w_used"].append(w.detach().reshape(2).cpu().numpy().copy())
             history["lr"].append(sched.get_last_lr()[0])
             history["dice"].append(dice)
             history["focal"].append(focal)
@@ -275,13 +276,13 @@ def fit_mask_weights_reference(
 
 def _fit_reference(logits_fn, target, iterations, lr, eps, weight_decay, betas, record) -> MaskWeightFit:
     gt = target.reshape(1, -1).float().clone()
-    w, opt, sched = _optimiser(iterations, lr, eps, weight_decay, betas)
+    w, opt, sched = _optimiser(iterations, lr, eps, weight_decay, betas, gt.device)
     history: dict[str, list] = {"w_used": [], "lr": [], "loss": [], "dice": [], "focal": []} if record else {}
     for _ in range(iterations):
         with torch.no_grad():
             logits = logits_fn().clone()  # a plain tensor (inference tensors can't be saved for backward)
         if record:
-            history["w_used"].append(w.detach().reshape(2).clone().numpy())
+            history["w_used"].append(w.detach().reshape(2).cpu().numpy().copy())
             history["lr"].append(sched.get_last_lr()[0])
         z = (logits.flatten(1) * _mixing(w)).sum(0).unsqueeze(0)
         dice = dice_loss(z, gt)
