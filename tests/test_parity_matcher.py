@@ -49,6 +49,16 @@ SCORE_TOL = 1e-5  # predicted IoU, stability, EMD, purity, coverage, scores
 TOKEN_TOL = 1e-4  # DINOv2 tokens, SAM embeddings
 GRID_BATCHES_DEFAULT = 2  # grid batches (of 64 points) decoded per COCO-config case in the default run
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The suite runs on 2 shared cores: one intra-op thread avoids OpenMP spinning against other workers
+    # (results do not depend on it).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 ids = [c.name for c in CASES]
 case_param = pytest.mark.parametrize("case_dir", CASES, ids=ids)
 

@@ -87,7 +87,9 @@ def emd_scores(
     cost_fg = np.asarray(cost_fg)
     n_rows = cost_fg.shape[0]
     flat = cells.reshape(len(cells), -1)
-    a = np.full(n_rows, 1.0 / n_rows)
+    # Python lists, as released: POT converts list marginals to the cost's dtype (float32), which changes
+    # the result in the last bits compared with float64 arrays, and ties downstream depend on those bits.
+    a = [1.0 / n_rows] * n_rows
     keys: dict[bytes, int] = {}
     unique: list[np.ndarray] = []
     which = np.empty(len(flat), dtype=np.int64)
@@ -100,7 +102,7 @@ def emd_scores(
 
     def solve(row: np.ndarray) -> float:
         sub = cost_fg[:, row]
-        b = np.full(sub.shape[1], 1.0 / sub.shape[1])
+        b = [1.0 / sub.shape[1]] * sub.shape[1]
         return 1 - float(ot.emd2(a, b, sub))
 
     if workers > 1 and len(unique) > 1:

@@ -20,6 +20,16 @@ TINY_SAM = dict(
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The suite runs on 2 shared cores: one intra-op thread avoids OpenMP spinning against other workers
+    # (results do not depend on it).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ------------------------------------------------------------------------------------------- sampler
 def test_recursive_combinations_order_and_counts():
     assert sp.recursive_combinations(4, 2) == [[0, 1], [0, 2], [1, 2], [0, 3], [1, 3], [2, 3]]
