@@ -47,7 +47,6 @@ from incontext.refine import sam_prompts as sp  # noqa: E402
 LOGIT_TOL = 1e-3  # mask logits (README §4)
 SCORE_TOL = 1e-5  # predicted IoU, stability, EMD, purity, coverage, scores
 TOKEN_TOL = 1e-4  # DINOv2 tokens, SAM embeddings
-GRID_BATCHES_DEFAULT = 2  # grid batches (of 64 points) decoded per COCO-config case in the default run
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -281,10 +280,7 @@ def _settings(case_dir: Path) -> sp.DecodeSettings:
     return method(case_dir).decode
 
 
-@case_param
-def test_sam_candidates(case_dir):
-    """Batched decoding of the recorded prompt sets on the recorded embedding: predicted IoU, stability,
-    filters, candidate masks; then NMS on the recorded pre-NMS list."""
+def _check_sam(case_dir: Path, full: bool) -> None:
     m = method(case_dir)
     s, pr = npz(case_dir, "04_sam"), npz(case_dir, "03_prompts")
     settings = _settings(case_dir)
@@ -294,24 +290,27 @@ def test_sam_candidates(case_dir):
     if _meta(case_dir)["hyperparameters"]["use_box"]:
         box = points_box(npz(case_dir, "02_matching")["points_xy"], (518, 518))
     obs = SamObserver(case_dir, settings)
+    cands = None
     with torch.inference_mode():
-        if settings.use_dense:
-            acc = sp._Accumulator()
-            n_batches = -(-len(s["dense_iou_pred"]) // settings.points_per_batch)
-            passing = np.nonzero(s["dense_pass_filters"].any(1))[0] // settings.points_per_batch
-            chosen = sorted({0, int(passing[0]) if len(passing) else n_batches - 1})[:GRID_BATCHES_DEFAULT]
-            sp.decode_grid(m.sam, emb, (518, 518), settings, acc, on_batch=obs, batches=chosen)
-            np.testing.assert_allclose(
-                sp.grid_points(settings.points_per_side, (518, 518)).astype(np.float32), s["dense_points_xy"]
-            )
-            cands = None
-        else:
+        if full or not settings.use_dense:
             cands = sp.generate_candidates(m.sam, emb, (518, 518), groups, box, settings, on_batch=obs)
+        else:
+            # Default run of a grid config: one grid batch (the first with a mask that passed the filters), the
+            # first prompt group and every group that produced a final candidate.
+            passing = np.nonzero(s["dense_pass_filters"].any(1))[0] // settings.points_per_batch
+            batches = [int(passing[0]) if len(passing) else 0]
+            sp.decode_grid(m.sam, emb, (518, 518), settings, sp._Accumulator(), on_batch=obs, batches=batches)
+            wanted = {0} | {int(g) for b, g, _, _ in s["cand_source"].tolist() if b == 1}
+            subset = [g if i in wanted else g[:0] for i, g in enumerate(groups)]
+            sp.decode_prompt_groups(m.sam, emb, (518, 518), subset, box, settings, sp._Accumulator(), on_batch=obs)
     if settings.use_dense:
-        with torch.inference_mode():
-            sp.decode_prompt_groups(m.sam, emb, (518, 518), groups, box, settings, sp._Accumulator(), on_batch=obs)
+        np.testing.assert_allclose(
+            sp.grid_points(settings.points_per_side, (518, 518)).astype(np.float32), s["dense_points_xy"]
+        )
     prompted = [k for k in map(tuple, s["cand_source"].tolist()) if k[0] == 1]
     assert set(prompted) <= obs.checked_candidates
+    if full:
+        assert {k for k in map(tuple, s["cand_source"].tolist())} <= obs.checked_candidates
     if cands is not None and not obs.flips:
         np.testing.assert_array_equal(cands.pre_nms_source, s["pre_nms_source"])
         np.testing.assert_array_equal(cands.pre_nms_boxes, s["pre_nms_box_xyxy"])
@@ -319,12 +318,29 @@ def test_sam_candidates(case_dir):
         np.testing.assert_array_equal(cands.nms_keep, s["nms_keep"])
         np.testing.assert_array_equal(cands.source, s["cand_source"])
         np.testing.assert_allclose(cands.iou_pred, s["cand_iou_pred"], atol=SCORE_TOL, rtol=0)
-        np.testing.assert_array_equal(cands.masks.sum((1, 2)).numpy() > 0, s["cand_area"] > 0)
+        np.testing.assert_array_equal(cands.boxes, s["cand_box_xyxy"])
     # NMS from the recorded pre-NMS boxes and scores (continuing from the fixture's filter decisions)
     keep = sp.box_nms(torch.from_numpy(s["pre_nms_box_xyxy"]), torch.from_numpy(s["pre_nms_iou_pred"]),
                       settings.box_nms_thresh)
     np.testing.assert_array_equal(keep.numpy(), s["nms_keep"])
     np.testing.assert_array_equal(s["pre_nms_source"][keep.numpy()], s["cand_source"])
+
+
+@case_param
+def test_sam_candidates(case_dir):
+    """Batched decoding of the recorded prompt sets on the recorded embedding: predicted IoU, stability,
+    filters, candidate masks; then NMS on the recorded pre-NMS list. Grid configs: a subset (see
+    test_sam_candidates_full)."""
+    _check_sam(case_dir, full=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case_dir", [c for c in CASES if heavy(c)] or [None], ids=lambda c: getattr(c, "name", "none"))
+def test_sam_candidates_full(case_dir):
+    """Grid configs: every grid point and prompt set, the pre-NMS list and NMS output exactly."""
+    if case_dir is None:
+        pytest.skip("no grid-config case")
+    _check_sam(case_dir, full=True)
 
 
 # ----------------------------------------------------------------------------------------------- 05 scores
