@@ -89,7 +89,7 @@ def persam_guidance(
     target_embedding: torch.Tensor | None = None,
     mode: str = "official",
 ) -> Iterator[MaskDecoder]:
-    """Temporarily add PerSAM's two hooks to a segment_anything ``MaskDecoder`` (see the module docstring).
+    """Temporarily add PerSAM's guidance (the three hooks of the module docstring) to a ``MaskDecoder``.
 
     Args:
         mask_decoder: ``sam.mask_decoder`` (PyPI ``segment_anything`` classes).
