@@ -19,5 +19,13 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) infer.py demo=true output_dir=out/demo
 
-test: setup
+# The web app's browser test needs Debian's chromium; install it where missing (root, as on CI).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	      || echo "chromium could not be installed: the browser test will skip"; \
+	  else echo "no chromium and no root apt-get: the browser test will skip"; fi; }
+
+test: setup browser
 	$(PY) -m pytest -q
