@@ -10,6 +10,9 @@ Per sample (reference note ``seggpt_painter.md`` sections 3-4):
   otherwise BEiT-style random blocks covering exactly half of all patches (so some target patches stay visible
   and some prompt patches must be painted). Painter uses p = 0.1; on a tiny CPU budget the evaluated task
   (lower half) deserves more weight — the experiment config sets it;
+* Painter's random-resized crop (scale range ``crop_scale`` of the shorter side, here a square window kept
+  around a random pixel of the object so the target stays in view), drawn independently for prompt and query;
+  it enlarges small objects for part of the samples;
 * optional horizontal flip of the whole pair (same flip for prompt and query).
 
 Loss: smooth-L1 (beta = ``config.beta``, 0.01 in SegGPT) between painted and true colours in model space, mean
@@ -67,19 +70,40 @@ def block_mask(grid: tuple[int, int], num_masked: int, rng: np.random.Generator,
     return flat
 
 
+def object_crop(image: np.ndarray, labels: np.ndarray, scale: tuple[float, float], rng: np.random.Generator
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """A random square crop of side s * min(H, W), s ~ U(scale), that contains a random foreground pixel
+    (anywhere when the mask is empty). Returns the cropped image and labels (not resized)."""
+    h, w = labels.shape
+    side = max(1, int(round(rng.uniform(*scale) * min(h, w))))
+    ys, xs = np.nonzero(labels)
+    if len(ys):
+        k = int(rng.integers(len(ys)))
+        cy, cx = int(ys[k]), int(xs[k])
+        top = int(rng.integers(max(0, cy - side + 1), min(cy, h - side) + 1))
+        left = int(rng.integers(max(0, cx - side + 1), min(cx, w - side) + 1))
+    else:
+        top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+    return image[top : top + side, left : left + side], labels[top : top + side, left : left + side]
+
+
 def masked_smooth_l1(pred: torch.Tensor, target: torch.Tensor, bool_masked_pos: torch.Tensor,
-                     patch: int, beta: float) -> torch.Tensor:
-    """Per-sample mean smooth-L1 over masked patches' pixels, averaged over samples.
+                     patch: int, beta: float, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample (weighted) mean smooth-L1 over masked patches' pixels, averaged over samples.
 
     Args:
         pred, target: (B, 3, H, W) model space (the full two-cell canvas).
         bool_masked_pos: (B, (H / patch) * (W / patch)) bool, row-major patch grid.
+        weight: optional (B, 1, H, W) per-pixel weight (Painter's ``valid`` map); the mean is taken with
+            these weights, so a constant weight changes nothing.
     """
     b, _, h, w = pred.shape
     m = bool_masked_pos.view(b, 1, h // patch, w // patch).to(pred.dtype)
     m = F.interpolate(m, scale_factor=patch, mode="nearest")  # (B, 1, H, W) pixel mask
+    if weight is not None:
+        m = m * weight.to(pred.dtype)
     per_px = F.smooth_l1_loss(pred, target, reduction="none", beta=beta)
-    per_sample = (per_px * m).sum(dim=(1, 2, 3)) / (m.sum(dim=(1, 2, 3)) * 3).clamp_min(1.0)
+    per_sample = (per_px * m).sum(dim=(1, 2, 3)) / (m.sum(dim=(1, 2, 3)) * 3).clamp_min(1e-6)
     return per_sample.mean()
 
 
@@ -91,7 +115,14 @@ class PainterTask:
         init_checkpoint: optional folder to start from (e.g. released SegGPT weights) instead of random init.
         p_lower_half: probability of masking exactly the target half (else random blocks, half the patches).
         random_background: probability of a random (not black) background colour.
+        p_random_colour: probability of SegGPT's random colouring for a sample; otherwise Painter's fixed
+            palette (binary: white on black, the inference colours).
         hflip: probability of flipping prompt and query together.
+        p_crop: probability of a random object crop, drawn for prompt and query independently.
+        crop_scale: crop side range as fractions of the shorter image side (Painter: 0.3..1 of the area).
+        fg_weight: loss weight of pixels whose true colour is a class colour (background pixels weigh 1).
+            1.0 = SegGPT's unweighted loss; small objects on a tiny budget need more (Painter weights pose
+            foreground x10 for the same reason), else painting everything black is a deep local minimum.
         min_colour_distance: minimum distance between a sample's random colours (0..255 units).
         embedding_type: type token used in training and evaluation.
         eval_ensemble: k-shot rule of the evaluation segmenter ("feature" or "spatial").
@@ -105,8 +136,12 @@ class PainterTask:
         init_checkpoint: str | None = None,
         p_lower_half: float = 0.1,
         random_background: float = 0.0,
+        p_random_colour: float = 1.0,
         hflip: float = 0.5,
+        p_crop: float = 0.0,
+        crop_scale: tuple[float, float] = (0.5, 1.0),
         min_colour_distance: float = 96.0,
+        fg_weight: float = 1.0,
         embedding_type: str = "instance",
         eval_ensemble: str = "feature",
     ) -> None:
@@ -114,8 +149,12 @@ class PainterTask:
         self.init_checkpoint = init_checkpoint
         self.p_lower_half = float(p_lower_half)
         self.random_background = float(random_background)
+        self.p_random_colour = float(p_random_colour)
         self.hflip = float(hflip)
+        self.p_crop = float(p_crop)
+        self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
         self.min_colour_distance = float(min_colour_distance)
+        self.fg_weight = float(fg_weight)
         self.embedding_type = embedding_type
         self.eval_ensemble = eval_ensemble
         self._probe = build_seggpt(self.model_config) if init_checkpoint is None else None
@@ -132,23 +171,30 @@ class PainterTask:
         return build_seggpt(self.model_config).train()
 
     def make_sample(self, item: TrainItem, rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        """Tensors of one canvas: ``query``, ``prompt``, ``prompt_mask``, ``label`` (3, h, w) model space and
-        ``bool_masked_pos`` (num_patches,) bool over the stacked canvas."""
+        """Tensors of one canvas: ``query``, ``prompt``, ``prompt_mask``, ``label`` (3, h, w) model space,
+        ``bool_masked_pos`` (num_patches,) bool over the stacked canvas and the loss ``weight`` (1, 2h, w)."""
         sup = item.supports[int(rng.integers(len(item.supports)))]
         classes = sorted(set(np.unique(sup.mask).tolist()) - {0})
         lut = np.zeros(256, np.uint8)  # support classes -> palette rows 1..C; anything else -> background
         lut[classes] = np.arange(1, len(classes) + 1)
-        palette = canvas.random_palette(
-            len(classes), rng, self.min_colour_distance,
-            random_background=bool(rng.random() < self.random_background),
-        )
+        if rng.random() < self.p_random_colour:
+            palette = canvas.random_palette(
+                len(classes), rng, self.min_colour_distance,
+                random_background=bool(rng.random() < self.random_background),
+            )
+        else:
+            palette = canvas.painter_palette(max(1, len(classes)))
         h, w = self.cell
-        p_img = canvas.resize_image(sup.image, (h, w))
-        q_img = canvas.resize_image(item.query, (h, w))
-        p_col = canvas.encode_mask(canvas.resize_labels(lut[sup.mask], (h, w)), palette)
-        q_col = canvas.encode_mask(canvas.resize_labels(lut[item.query_mask], (h, w)), palette)
+        pairs = []
+        for img, lab in ((sup.image, lut[sup.mask]), (item.query, lut[item.query_mask])):
+            if self.p_crop > 0 and rng.random() < self.p_crop:
+                img, lab = object_crop(img, lab, self.crop_scale, rng)
+            pairs.append((canvas.resize_image(img, (h, w)), canvas.resize_labels(lab, (h, w))))
+        (p_img, p_lab), (q_img, q_lab) = pairs
         if rng.random() < self.hflip:
-            p_img, q_img, p_col, q_col = (np.ascontiguousarray(a[:, ::-1]) for a in (p_img, q_img, p_col, q_col))
+            p_img, q_img, p_lab, q_lab = (np.ascontiguousarray(a[:, ::-1]) for a in (p_img, q_img, p_lab, q_lab))
+        p_col, q_col = canvas.encode_mask(p_lab, palette), canvas.encode_mask(q_lab, palette)
+        weight = 1.0 + (self.fg_weight - 1.0) * (np.concatenate([p_lab, q_lab], 0) > 0)
         gh, gw = 2 * h // self.patch, w // self.patch
         n = gh * gw
         if rng.random() < self.p_lower_half:
@@ -162,6 +208,7 @@ class PainterTask:
             "prompt_mask": canvas.to_model(p_col),
             "label": canvas.to_model(q_col),
             "bool_masked_pos": torch.from_numpy(bmp),
+            "weight": torch.from_numpy(weight.astype(np.float32))[None],
         }
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
@@ -175,7 +222,7 @@ class PainterTask:
         )
         target = torch.cat([batch["prompt_mask"], batch["label"]], dim=2)
         loss = masked_smooth_l1(out.pred_masks.float(), target.float(), batch["bool_masked_pos"],
-                                self.patch, self.beta)
+                                self.patch, self.beta, batch.get("weight"))
         return loss, {}
 
     def save_pretrained(self, model: torch.nn.Module, directory: Path) -> None:

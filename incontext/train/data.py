@@ -20,7 +20,7 @@ import torch
 
 from incontext.episode import Support
 
-__all__ = ["TrainItem", "as_train_item", "EpisodeSource", "as_source", "IndexedSamples", "StepBatchSampler",
+__all__ = ["TrainItem", "as_train_item", "EpisodeSource", "as_source", "IndexedSamples", "StepBatchSampler", "ClassSubset",
            "stack"]
 
 
@@ -155,3 +155,52 @@ class StepBatchSampler(torch.utils.data.Sampler):
 def stack(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Collate dict samples by stacking each key."""
     return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+class ClassSubset:
+    """The episodes of a benchmark whose classes all lie in a subset: item i is the i-th such episode.
+
+    For short sanity runs ("does it learn on a few classes?") and class-restricted evaluation. Works with any
+    benchmark exposing ``class_ids``, ``episode_classes(index)`` (cheap: no rendering) and ``episode(index)``,
+    as ``incontext.data.synthetic.SyntheticBenchmark`` does.
+
+    Args:
+        bench: the benchmark.
+        classes: class ids to keep, or an int n for the first n of ``bench.class_ids``.
+        episodes: ``len()`` for evaluation use (indexing past it still works, for training streams).
+    """
+
+    def __init__(self, bench: Any, classes: int | Sequence[int], episodes: int = 1000) -> None:
+        ids = list(bench.class_ids)
+        self.classes = set(ids[: int(classes)] if isinstance(classes, int) else map(int, classes))
+        if not self.classes:
+            raise ValueError("ClassSubset: no classes selected")
+        self.bench = bench
+        self.episodes = int(episodes)
+        self._map: list[int] = []
+        self._scan = 0
+        self._limit = 1000 * len(ids)  # every class appears once per pass of ``len(ids)`` indices
+
+    def _index(self, i: int) -> int:
+        while len(self._map) <= i:
+            if self._scan > self._limit * (len(self._map) + 1):
+                raise ValueError("ClassSubset: the selected classes never occur in this benchmark")
+            if set(self.bench.episode_classes(self._scan)) <= self.classes:
+                self._map.append(self._scan)
+            self._scan += 1
+        return self._map[i]
+
+    def episode(self, index: int) -> Any:
+        return self.bench.episode(self._index(int(index)))
+
+    def __len__(self) -> int:
+        return self.episodes
+
+    def __getitem__(self, index: int) -> Any:
+        if not 0 <= index < self.episodes:
+            raise IndexError(f"episode {index} of a subset with {self.episodes} episodes")
+        return self.episode(index)
+
+    def __iter__(self):
+        for i in range(self.episodes):
+            yield self.episode(i)

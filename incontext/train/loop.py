@@ -52,6 +52,7 @@ class TrainConfig:
     threads: int | None = None
     log_every: int = 10
     eval_every: int = 200
+    eval_at_start: bool = False
     save_every: int = 200
     keep_last: int = 2
     best_metric: str = "miou"
@@ -185,6 +186,20 @@ def train(
 
         bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", dynamic_ncols=True)
 
+    def run_eval(at_step: int) -> dict[str, float]:
+        model.eval()
+        with torch.no_grad():
+            metrics = evaluate_fn(task.segmenter(model, device), eval_data)
+        model.train()
+        log.log("eval", at_step, {k: float(v) for k, v in metrics.items()
+                                  if isinstance(v, (int, float, np.floating)) and not isinstance(v, bool)})
+        return metrics
+
+    if cfg.eval_at_start and start_step == 0 and eval_data is not None and evaluate_fn is not None:
+        if info.is_main:
+            run_eval(0)  # the untrained baseline of the curve
+        dist_utils.barrier(info)
+
     t_start = time.perf_counter()
     t_window, n_window, loss_window = time.perf_counter(), 0, []
     step = start_step
@@ -236,16 +251,11 @@ def train(
         is_best = False
         if eval_data is not None and evaluate_fn is not None and (step % cfg.eval_every == 0 or is_last):
             if info.is_main:
-                model.eval()
-                with torch.no_grad():
-                    metrics = evaluate_fn(task.segmenter(model, device), eval_data)
-                model.train()
+                metrics = run_eval(step)
                 value = metrics.get(cfg.best_metric)
                 is_best = value is not None and (best["value"] is None or value > best["value"])
                 if is_best:
                     best = {"metric": cfg.best_metric, "value": float(value), "step": step}
-                log.log("eval", step, {k: float(v) for k, v in metrics.items()
-                                       if isinstance(v, (int, float, np.floating))})
             is_best = dist_utils.any_rank(is_best, info, device)
         if step % cfg.save_every == 0 or is_last or is_best:
             if info.is_main:
