@@ -166,7 +166,8 @@ class SamEncoderFeatures:
 
 
 def build_shipped_features(weights: str | os.PathLike | None = None, *, work_size: int = 512,
-                           device: str | torch.device = "cpu") -> SamEncoderFeatures:
+                           device: str | torch.device = "cpu", weights_key: str = "backbone.weights"
+                           ) -> SamEncoderFeatures:
     """Config entry point of ``configs/backbone/sam_tiny_synthetic_features.yaml``: the shipped SAM's image
-    encoder as Matcher's patch-feature backbone."""
+    encoder as Matcher's patch-feature backbone (``weights_key`` accepted for drop-in use, unused)."""
     return SamEncoderFeatures(build_shipped_sam(weights, device=device), work_size=work_size)
