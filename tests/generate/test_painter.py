@@ -273,3 +273,21 @@ def test_make_sample_colours_prompt_and_target_alike():
     assert not torch.equal(other["label"], s1["label"])  # a new colouring per sample
     loss, _ = task.loss(task.build_model(), {k: v[None] for k, v in s1.items()})
     assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+def test_object_crop_keeps_the_object_and_weights_foreground():
+    from incontext.generate.painter_task import PainterTask, object_crop
+    from incontext.train.data import TrainItem
+
+    rng = np.random.default_rng(0)
+    lab = np.zeros((100, 80), np.uint8)
+    lab[80:90, 10:20] = 1
+    for _ in range(50):
+        img, cut = object_crop(np.zeros((100, 80, 3), np.uint8), lab, (0.3, 1.0), rng)
+        assert cut.any() and img.shape[:2] == cut.shape and cut.shape[0] == cut.shape[1] <= 80
+    task = PainterTask(model=TINY, p_lower_half=1.0, hflip=0.0, p_crop=1.0, fg_weight=4.0, p_random_colour=0.0)
+    sup = _supports(1)[0]
+    s = task.make_sample(TrainItem(sup.image, sup.mask, [sup]), np.random.default_rng(3))
+    assert set(np.unique(s["weight"].numpy())) == {1.0, 4.0} and s["weight"].shape == (1, 64, 32)
+    white = canvas.denormalise(s["label"]).amax(0)
+    assert white.max() == pytest.approx(1.0, abs=1e-5) and white.min() == pytest.approx(0.0, abs=1e-5)

@@ -247,3 +247,24 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     assert np.allclose(_losses(tmp_path / "single"), _losses(tmp_path / "ddp"), atol=1e-5)
     state = json.loads((tmp_path / "ddp/checkpoints/last" / ckpt.TRAINER_FILE).read_text())
     assert state["layout"]["world"] == 2
+
+
+def test_class_subset_keeps_only_chosen_classes():
+    from incontext.train.data import ClassSubset
+
+    class Fake:
+        class_ids = list(range(10))
+
+        def episode_classes(self, i):
+            return [(i * 7) % 10]
+
+        def episode(self, i):
+            return {"index": i, "classes": self.episode_classes(i)}
+
+    sub = ClassSubset(Fake(), [2, 5], episodes=6)
+    got = [sub[i]["classes"][0] for i in range(6)]
+    assert set(got) == {2, 5} and len(sub) == 6
+    assert [sub.episode(i)["index"] for i in range(3)] == [5, 6, 15]
+    with pytest.raises(IndexError):
+        sub[6]
+    assert sub.episode(7)["classes"][0] in (2, 5)  # training streams index past len()
