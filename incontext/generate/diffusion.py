@@ -15,6 +15,10 @@ A conditional denoiser of the query mask (``diffusion_net``) sampled with a few 
 3. ``guidance_scale`` != 1: classifier-free guidance on the x0 logits,
    l = l_uncond + w (l_cond - l_uncond), the unconditional branch seeing only the null support token and a
    zero prior (the model is trained with condition dropout).
+
+Models trained with ``match_prior`` also read the ``match`` stage's foreground probability (``carry.prior``,
+the training-free ``PrototypeMatch`` on handcrafted features, built from the model's config by
+``DiffusionMethod``), area-pooled to the token grid, as one more query-aligned channel.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from incontext.episode import Support
 from incontext.errors import InputError, WeightsNotFoundError
@@ -33,7 +38,7 @@ from incontext.generate.diffusion_process import ddim_sample, make_scheduler
 from incontext.pipeline import Carry, Pipeline, State, resize_map
 
 __all__ = ["DiffusionStage", "DiffusionMethod", "load_diffusion", "DEFAULT_CHECKPOINT", "to_frame",
-           "mask_to_frame"]
+           "mask_to_frame", "build_match_stage"]
 
 # The checkpoint shipped in the repository (trained by `python train.py experiment=diffusion_tiny`).
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "diffusion_tiny"
@@ -53,6 +58,20 @@ def load_diffusion(checkpoint: str | Path, device: str | torch.device = "cpu") -
             "method=diffusion)"
         )
     return DiffusionSegModel.from_pretrained(path, device)
+
+
+def build_match_stage(spec: dict[str, Any]):
+    """The training-free ``PrototypeMatch`` stage described by a model's ``config.match_prior``."""
+    from incontext.features import HandcraftedFeatures
+    from incontext.match.prototype import PrototypeMatch
+
+    spec = dict(spec)
+    feats = HandcraftedFeatures(size=int(spec.pop("size", 128)), stride=int(spec.pop("stride", 4)))
+    try:
+        return PrototypeMatch(feats, **spec)
+    except TypeError as err:
+        raise InputError(f"model config match_prior: {err}; keys are size, stride, bg_prototypes, temperature, "
+                         "fg_threshold, min_area") from None
 
 
 def to_frame(image: np.ndarray, size: int) -> torch.Tensor:
@@ -152,14 +171,24 @@ class DiffusionStage:
         return code.to_state()
 
     def __call__(self, carry: Carry, state: State) -> None:
-        """Sample the query mask: sets ``carry.prob`` (H, W) and ``carry.extras["uncertainty"]`` (H, W)."""
+        """Sample the query mask: sets ``carry.prob`` (H, W) and ``carry.extras["uncertainty"]`` (H, W), and
+        clears a ``carry.mask`` an earlier match stage may have decided (the decision is now ``prob``'s)."""
         sup = SupportCode.from_state(state)
+        match = None
+        if self.model.config.match_prior is not None:
+            if carry.prior is None:
+                raise InputError(
+                    "diffusion: this model needs the match stage's prior (config.match_prior) but no stage set "
+                    "carry.prior; use DiffusionMethod, which adds its PrototypeMatch stage"
+                )
+            g = self.model.config.grid
+            match = F.adaptive_avg_pool2d(carry.prior.float()[None, None].to(self.device), (g, g))
         key = f"diffusion.query.{self.size}.{id(self.model)}"
         with torch.no_grad():
             if key not in carry.cache:  # shared by every class segmented on this query
                 frame = to_frame(carry.query, self.size)[None].to(self.device)
                 carry.cache[key] = self.model.encode_images(frame)
-            probs = self.sample(carry.cache[key], sup)  # (n, S, S)
+            probs = self.sample(carry.cache[key], sup, match)  # (n, S, S)
         h, w = carry.query.shape[:2]
         mean = probs.mean(0)
         prob = resize_map(mean, (h, w)).clamp(0, 1)
@@ -168,22 +197,24 @@ class DiffusionStage:
         else:
             unc = binary_entropy(prob)
         carry.prob = prob
+        carry.mask = None
         carry.extras["uncertainty"] = unc.cpu().numpy().astype(np.float32)
         carry.extras["diffusion"] = {"steps": self.steps, "n_samples": self.n_samples,
                                      "guidance_scale": self.guidance_scale}
         carry.extras.setdefault("stage_scores", {})["generate"] = float(mean.max())
 
     # ------------------------------------------------------------------ sampling
-    def sample(self, qfeat: torch.Tensor, sup: SupportCode) -> torch.Tensor:
-        """``n_samples`` probability maps (n, S, S) in the model frame for one query's tokens (1, F, h, w)."""
+    def sample(self, qfeat: torch.Tensor, sup: SupportCode, match: torch.Tensor | None = None) -> torch.Tensor:
+        """``n_samples`` probability maps (n, S, S) in the model frame for one query's tokens (1, F, h, w)
+        (and the match-stage prior (1, 1, h, w) for models that use one)."""
         n = self.n_samples
         guided = self.guidance_scale != 1.0
         sup_n = sup.expand(n)
-        cond = self.model.condition(qfeat, sup).expand(n, -1, -1, -1)
+        cond = self.model.condition(qfeat, sup, match=match).expand(n, -1, -1, -1)
         if guided:
             unc_sup = sup.unconditional().expand(n)
             drop = torch.ones(1, dtype=torch.bool, device=qfeat.device)
-            unc_cond = self.model.condition(qfeat, sup, drop).expand(n, -1, -1, -1)
+            unc_cond = self.model.condition(qfeat, sup, drop, match).expand(n, -1, -1, -1)
 
         def denoise(x: torch.Tensor, t: torch.Tensor, sc: torch.Tensor) -> torch.Tensor:
             out = self.model.denoise(x, t, sc, cond, sup_n)
@@ -213,6 +244,8 @@ class DiffusionMethod(Pipeline):
         checkpoint, model_config, steps, n_samples, guidance_scale, uncertainty, self_condition, seed,
             max_shots: see ``DiffusionStage`` (checkpoint None = the shipped ``checkpoints/diffusion_tiny``).
         model: a live ``DiffusionSegModel`` (used by the trainer's evaluation).
+        match: optional match stage; None = the ``PrototypeMatch`` described by the model's
+            ``config.match_prior`` when it has one (else no match stage).
         refine: optional refine stage (e.g. SAM prompted by the generated mask).
         name, device, retriever, shots, threshold: see ``Pipeline``.
     """
@@ -229,6 +262,7 @@ class DiffusionMethod(Pipeline):
         seed: int = 0,
         max_shots: int | None = None,
         model: DiffusionSegModel | None = None,
+        match: Any = None,
         refine: Any = None,
         name: str = "diffusion",
         device: str | torch.device = "cpu",
@@ -239,5 +273,8 @@ class DiffusionMethod(Pipeline):
         stage = DiffusionStage(checkpoint=checkpoint, model_config=model_config, model=model, steps=steps,
                                n_samples=n_samples, guidance_scale=guidance_scale, uncertainty=uncertainty,
                                self_condition=self_condition, seed=seed, max_shots=max_shots, device=device)
-        super().__init__(name=name, device=device, retriever=retriever, shots=shots, generate=stage,
-                         refine=refine, threshold=threshold)
+        spec = stage.model.config.match_prior
+        if match is None and spec is not None:
+            match = build_match_stage(spec)
+        super().__init__(name=name, device=device, retriever=retriever, shots=shots, match=match,
+                         generate=stage, refine=refine, threshold=threshold)

@@ -66,6 +66,10 @@ class DiffusionConfig:
             cross_attention_dim are set by this model); None with ``unet_folder`` = take the folder's config.
         unet_folder: local folder of a pretrained ``UNet2DConditionModel`` (diffusers layout) to start from;
             only read at build time, never saved (the saved config carries the UNet's config instead).
+        match_prior: settings of the training-free ``PrototypeMatch`` stage (handcrafted features) whose
+            foreground probability enters as one more query-aligned channel (``size``, ``stride``,
+            ``bg_prototypes``, ``temperature``, ``fg_threshold``); None = no such channel. Kept in the model
+            config because the model was trained with exactly this matcher.
     """
 
     image_size: int = 64
@@ -81,6 +85,7 @@ class DiffusionConfig:
     denoiser: str = "tiny"
     unet: dict | None = None
     unet_folder: str | None = None
+    match_prior: dict | None = None
     model_type: str = MODEL_TYPE
 
     def __post_init__(self) -> None:
@@ -109,6 +114,11 @@ class DiffusionConfig:
     @property
     def grid(self) -> int:
         return self.image_size // self.patch
+
+    @property
+    def cond_channels(self) -> int:
+        """Query-aligned conditioning channels: token features, [match-stage prior], matching prior."""
+        return self.feature_dim + (1 if self.match_prior is not None else 0) + PRIOR_CHANNELS
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DiffusionConfig":
@@ -318,7 +328,7 @@ class TinyDenoiser(nn.Module):
         self.time = nn.Sequential(nn.Linear(cfg.time_dim, 2 * cfg.time_dim), nn.SiLU(),
                                   nn.Linear(2 * cfg.time_dim, 2 * cfg.time_dim))
         self.time_dim = cfg.time_dim
-        self.inp = nn.Conv2d(2 * p2 + cfg.feature_dim + PRIOR_CHANNELS, c, 3, padding=1)
+        self.inp = nn.Conv2d(2 * p2 + cfg.cond_channels, c, 3, padding=1)
         self.res = nn.ModuleList([ResBlock(c, 2 * cfg.time_dim) for _ in range(cfg.blocks)])
         self.attn = nn.ModuleList([FusedAttention(c, cfg.heads) for _ in range(cfg.blocks)])
         self.out = nn.Sequential(nn.GroupNorm(_groups(c), c), nn.SiLU(), nn.Conv2d(c, p2, 3, padding=1))
@@ -356,7 +366,7 @@ class UNetDenoiser(nn.Module):
 
         p2 = cfg.patch ** 2
         self.patch = cfg.patch
-        in_ch = 2 * p2 + cfg.feature_dim + PRIOR_CHANNELS
+        in_ch = 2 * p2 + cfg.cond_channels
         if cfg.unet_folder:
             folder = Path(cfg.unet_folder).expanduser()
             if not (folder / "config.json").is_file():
@@ -481,13 +491,24 @@ class DiffusionSegModel(nn.Module):
             code.kv = self.denoiser.support_kv(tokens)
         return code
 
-    def condition(self, qfeat: torch.Tensor, sup: SupportCode, drop: torch.Tensor | None = None) -> torch.Tensor:
-        """Query-aligned conditioning (B, F + 3, h, w): token features and the matching prior (zeroed where
-        ``drop`` (B,) bool marks the unconditional CFG branch)."""
-        prior = matching_prior(qfeat, sup)
+    def condition(self, qfeat: torch.Tensor, sup: SupportCode, drop: torch.Tensor | None = None,
+                  match: torch.Tensor | None = None) -> torch.Tensor:
+        """Query-aligned conditioning (B, ``cond_channels``, h, w): token features, the match stage's
+        foreground probability ``match`` (B, 1, h, w) when the model uses one, and the matching prior; the
+        support-dependent channels are zeroed where ``drop`` (B,) bool marks the unconditional CFG branch."""
+        parts = [matching_prior(qfeat, sup)]
+        if self.config.match_prior is not None:
+            if match is None or tuple(match.shape[-2:]) != tuple(qfeat.shape[-2:]):
+                raise InputError(
+                    "diffusion: this model was trained with a match-stage prior (config.match_prior) and needs "
+                    "it on the token grid; build it with DiffusionMethod (which adds the PrototypeMatch stage) "
+                    "or pass a match stage that sets carry.prior"
+                )
+            parts.insert(0, match.to(qfeat.dtype))
+        extra = torch.cat(parts, dim=1)
         if drop is not None:
-            prior = prior * (~drop).to(prior.dtype)[:, None, None, None]
-        return torch.cat([qfeat, prior], dim=1)
+            extra = extra * (~drop).to(extra.dtype)[:, None, None, None]
+        return torch.cat([qfeat, extra], dim=1)
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, self_cond: torch.Tensor, cond: torch.Tensor,
                 sup: SupportCode) -> torch.Tensor:
@@ -498,14 +519,16 @@ class DiffusionSegModel(nn.Module):
     # ---------------------------------------------------------------- training entry point
     def forward(self, query: torch.Tensor, supports: torch.Tensor, support_masks: torch.Tensor,
                 shot_valid: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, drop: torch.Tensor,
-                self_cond_mask: torch.Tensor, signal_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                self_cond_mask: torch.Tensor, signal_scale: float = 1.0,
+                match: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x0 logits of a training batch, and the prior read-out logits on the token grid.
 
         Args:
             query: (B, 3, S, S) float in [0, 1]; supports: (B, K, 3, S, S); support_masks: (B, K, S, S);
             shot_valid: (B, K) bool (shot 0 is always real); x_t: (B, 1, S, S) noisy mask; t: (B,);
             drop: (B,) bool, condition dropped (CFG training); self_cond_mask: (B,) bool, samples whose
-            self-conditioning input comes from a first, gradient-free prediction (Analog Bits).
+            self-conditioning input comes from a first, gradient-free prediction (Analog Bits);
+            match: (B, 1, h, w) match-stage prior on the token grid (models with ``match_prior``).
 
         Returns:
             (B, 1, S, S) x0 logits and (B, 1, h, w) ``prior_head`` logits (auxiliary loss).
@@ -521,7 +544,7 @@ class DiffusionSegModel(nn.Module):
         valid = sup.valid.clone()
         valid[:, 1:] &= ~drop[:, None]
         sup.valid = valid
-        cond = self.condition(qfeat, sup, drop)
+        cond = self.condition(qfeat, sup, drop, match)
         prior_logits = self.prior_head(cond[:, -PRIOR_CHANNELS:])
         sc = torch.zeros_like(x_t)
         if bool(self_cond_mask.any()):

@@ -25,7 +25,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from incontext.generate.diffusion import DiffusionMethod, load_diffusion, mask_to_frame, to_frame
+from incontext.episode import Support
+from incontext.generate.diffusion import (
+    DiffusionMethod,
+    build_match_stage,
+    load_diffusion,
+    mask_to_frame,
+    to_frame,
+)
 from incontext.generate.diffusion_net import DiffusionConfig, DiffusionSegModel
 from incontext.generate.diffusion_process import q_sample
 from incontext.train.data import TrainItem
@@ -121,7 +128,9 @@ class DiffusionTask:
         self.prior_loss_weight = float(prior_loss_weight)
         self.hflip = float(hflip)
         self.eval_steps = int(eval_steps)
-        self.size = DiffusionConfig.from_dict(dict(model)).image_size
+        cfg = DiffusionConfig.from_dict(dict(model))
+        self.size, self.grid = cfg.image_size, cfg.grid
+        self._matcher = build_match_stage(cfg.match_prior) if cfg.match_prior is not None else None
 
     # ------------------------------------------------------------------ TrainTask
     def build_model(self) -> torch.nn.Module:
@@ -132,7 +141,9 @@ class DiffusionTask:
     def make_sample(self, item: TrainItem, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         """Tensors of one episode in the model frame: ``query`` (3, S, S) uint8, ``query_mask`` (1, S, S)
         0/1 float, ``supports`` (K, 3, S, S) uint8, ``support_masks`` (K, S, S) coverage in [0, 1],
-        ``shot_valid`` (K,) bool (K = max_shots), and the per-sample noise draw ``u`` (4,) uniform."""
+        ``shot_valid`` (K,) bool (K = max_shots), the per-sample noise draw ``u`` (4,) uniform and, for models
+        with ``match_prior``, ``match`` (1, h, w): the training-free matcher's foreground probability on the
+        token grid (computed on the episode's own images, as the match stage does at inference)."""
         s, kmax = self.size, self.max_shots
         sup = item.supports[:kmax]
         if not sup:
@@ -153,8 +164,15 @@ class DiffusionTask:
         for j, sp in enumerate(sup):
             supports[j], masks[j], valid[j] = img(sp.image), msk(sp.mask > 0), True
         target = (msk(item.query_mask > 0) > 0.5).float()[None]
-        return {"query": img(item.query), "query_mask": target, "supports": supports, "support_masks": masks,
-                "shot_valid": valid, "u": torch.from_numpy(rng.random(4).astype(np.float32))}
+        out = {"query": img(item.query), "query_mask": target, "supports": supports, "support_masks": masks,
+               "shot_valid": valid, "u": torch.from_numpy(rng.random(4).astype(np.float32))}
+        if self._matcher is not None:
+            binary = [Support.from_arrays(sp.image, (sp.mask > 0).astype(np.uint8)) for sp in sup]
+            with torch.no_grad():
+                prior = self._matcher.similarity(item.query, self._matcher.prepare(binary), {})
+            m = F.adaptive_avg_pool2d(prior.float().cpu()[None, None], (self.grid, self.grid))[0]
+            out["match"] = m.flip(-1) if flip else m
+        return out
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         y = batch["query_mask"].float()
@@ -167,7 +185,7 @@ class DiffusionTask:
         logits, prior_logits = model(
             batch["query"].float() / 255.0, batch["supports"].float() / 255.0, batch["support_masks"].float(),
             batch["shot_valid"].bool(), x_t, t, drop, u[:, 2] < self.p_self_cond,
-            self.signal_scale,
+            self.signal_scale, batch.get("match"),
         )
         bce = F.binary_cross_entropy_with_logits(logits, y, reduction="none").flatten(1).mean(1)
         dice = dice_loss(logits, y)
