@@ -1,35 +1,18 @@
 """The prompt bank: (image, mask, class) examples with embeddings, a FAISS index and a metadata table.
 
-On disk a bank is a folder whose parts are always written together and checked together::
-
-    <bank>/BANK.json              {"format": "incontext-prompt-bank", "format_version": 1, "current": "v000003"}
-    <bank>/v000003/manifest.json  counts, embedding spec, index factory, size + SHA-256 of every file below
-    <bank>/v000003/index.faiss    FAISS index over image-level vectors (ids = entry ids)
-    <bank>/v000003/meta.jsonl     one entry per line (id, class, image/mask paths, content hashes, size, ...)
-    <bank>/v000003/ids.npy        (N,) int64 entry ids, the row order of the two arrays below
-    <bank>/v000003/image_emb.npy  (N, D) float32 unit image-level vectors (the index key)
-    <bank>/v000003/object_emb.npy (N, C) float32 unit object-level vectors (mask-pooled)
-    <bank>/v000003/embedder.json  embedding config and fitted statistics (rebuilds the embedder on load)
-    <bank>/items/                 copies of images/masks added from arrays or with copy=True (content-addressed)
-
-Saving writes a complete new version folder under a temporary name, renames it, then replaces ``BANK.json``
-atomically; the previous version is kept until the next save. A reader therefore sees either the old or the
-new bank, never a mixture, and a crash mid-write leaves the old bank in place. On load every file is checked
-against the manifest (size always, SHA-256 unless ``verify="size"``) and the counts are cross-checked, so a
-truncated or partly copied bank raises :class:`CorruptBankError` instead of being used.
+On disk a bank is a folder of versions written atomically and verified on load (``incontext.retrieve.store``;
+the layout is described in ``prompts_bank/README.md``): a FAISS index over image-level vectors, the metadata
+table (``meta.jsonl``), the entry ids and both vector arrays in one row order, and the embedder's config and
+fitted statistics, with a manifest of sizes and SHA-256s. Images added as arrays (or with ``copy=True``) are
+stored content-addressed under ``<bank>/items/``.
 """
 
 from __future__ import annotations
 
 import difflib
-import hashlib
-import io as _pyio
 import json
 import os
-import shutil
 import sys
-import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -45,17 +28,11 @@ from incontext.retrieve.embed import (
     raw_records,
 )
 from incontext.retrieve.index import IndexConfig, VectorIndex, normalize_rows
+from incontext.retrieve.store import POINTER, CorruptBankError, corrupt, npy_bytes, open_version, write_version
 
 __all__ = ["BankItem", "CorruptBankError", "Entry", "PromptBank", "folder_items"]
 
-FORMAT = "incontext-prompt-bank"
-FORMAT_VERSION = 1
-POINTER = "BANK.json"
 DEFAULT_CACHE = "~/.cache/incontext/embeddings"
-
-
-class CorruptBankError(InputError):
-    """A bank on disk is incomplete or inconsistent (e.g. a write was cut off); it is never used."""
 
 
 @dataclass
@@ -147,27 +124,6 @@ def folder_items(source: str | os.PathLike, cls: str | None = None) -> list[Bank
     return items
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _npy_bytes(a: np.ndarray) -> bytes:
-    buf = _pyio.BytesIO()
-    np.save(buf, np.ascontiguousarray(a))
-    return buf.getvalue()
-
-
 def _foreground(mask: np.ndarray, label: int) -> np.ndarray:
     return (mask == label) if label else ((mask > 0) & (mask != 255))
 
@@ -227,20 +183,7 @@ class PromptBank:
             InputError: no bank at ``root``.
         """
         root = Path(root).expanduser()
-        vdir, manifest = _read_manifest(root)
-        files = manifest["files"]
-        total = sum(int(f["size"]) for f in files.values())
-        full = verify == "full" or (verify == "auto" and total < 2 * 1024**3)
-        for name, meta in files.items():
-            p = vdir / name
-            if not p.is_file():
-                raise CorruptBankError(_corrupt(root, f"{name} is missing from {vdir.name}"))
-            size = p.stat().st_size
-            if size != int(meta["size"]):
-                raise CorruptBankError(_corrupt(root, f"{vdir.name}/{name} has {size} bytes, the manifest says "
-                                                      f"{meta['size']} (the write was cut off or the copy is partial)"))
-            if full and _sha256(p) != meta["sha256"]:
-                raise CorruptBankError(_corrupt(root, f"{vdir.name}/{name} does not match its SHA-256 in the manifest"))
+        vdir, manifest = open_version(root, verify)
         emb_doc = json.loads((vdir / "embedder.json").read_text())
         cfg = manifest["config"]
         embedder = build_embedder(emb_doc["config"], device=device)
@@ -248,7 +191,7 @@ class PromptBank:
         bank = cls(root, embedder, cfg)
         spec = EmbeddingSpec.from_json(manifest["spec"])
         if embedder.spec != spec:
-            raise CorruptBankError(_corrupt(root, f"the stored embedder rebuilds as {embedder.spec} but the manifest "
+            raise CorruptBankError(corrupt(root, f"the stored embedder rebuilds as {embedder.spec} but the manifest "
                                                   f"records {spec} (incontext version or feature code changed)"))
         if "probe" in emb_doc:
             now = embedder.probe()
@@ -277,15 +220,15 @@ class PromptBank:
                   "index vectors": bank.index.ntotal}
         for what, got in checks.items():
             if got != n:
-                raise CorruptBankError(_corrupt(root, f"{what} = {got} but the manifest counts {n} entries"))
+                raise CorruptBankError(corrupt(root, f"{what} = {got} but the manifest counts {n} entries"))
         if bank.image_vecs.shape[1:] != (spec.image_dim,) or bank.object_vecs.shape[1:] != (spec.object_dim,):
-            raise CorruptBankError(_corrupt(root, "stored vector dimensions differ from the embedding spec"))
+            raise CorruptBankError(corrupt(root, "stored vector dimensions differ from the embedding spec"))
         meta_ids = np.array([e.id for e in bank.entries], np.int64)
         if not np.array_equal(meta_ids, np.asarray(bank.ids)):
-            raise CorruptBankError(_corrupt(root, "meta.jsonl and ids.npy list different entries"))
+            raise CorruptBankError(corrupt(root, "meta.jsonl and ids.npy list different entries"))
         idx_ids = bank.index.ids()
         if idx_ids is not None and not np.array_equal(np.sort(idx_ids), np.sort(meta_ids)):
-            raise CorruptBankError(_corrupt(root, "the FAISS index holds different ids from meta.jsonl"))
+            raise CorruptBankError(corrupt(root, "the FAISS index holds different ids from meta.jsonl"))
         bank._rebuild_lookups()
         return bank
 
@@ -598,89 +541,21 @@ class PromptBank:
 
     # ------------------------------------------------------------------ saving
     def save(self) -> Path:
-        """Write the bank atomically (see the module docstring); returns the new version folder."""
+        """Write the bank atomically as a new version (see ``incontext.retrieve.store``); returns its folder."""
         if self.index is None or not self.embedder.fitted:
             raise InputError(f"bank: nothing to save at {self.root}; add at least one example first")
-        from incontext.io import atomic_path
-
-        self.root.mkdir(parents=True, exist_ok=True)
-        version = f"v{_latest_version(self.root) + 1:06d}"
-        tmp = self.root / f".{version}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            meta = "".join(json.dumps(e.to_json(), sort_keys=True) + "\n" for e in self.entries).encode()
-            blobs = {
-                "index.faiss": self.index.to_bytes(),
-                "meta.jsonl": meta,
-                "ids.npy": _npy_bytes(np.asarray(self.ids, np.int64)),
-                "image_emb.npy": _npy_bytes(np.asarray(self.image_vecs, np.float32)),
-                "object_emb.npy": _npy_bytes(np.asarray(self.object_vecs, np.float32)),
-                "embedder.json": json.dumps({"config": self.embedder.config, "state": self.embedder.state_dict(),
-                                             "probe": np.round(self.embedder.probe(), 6).tolist()},
-                                            indent=1).encode(),
-            }
-            files = {}
-            for name, data in blobs.items():
-                _write_bytes(tmp / name, data)
-                files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-            manifest = {
-                "format": FORMAT, "format_version": FORMAT_VERSION, "count": len(self), "next_id": self.next_id,
-                "spec": self.spec.to_json(), "factory": self.index.factory, "config": self.config,
-                "classes": len(self._by_class), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files,
-            }
-            _write_bytes(tmp / "manifest.json", json.dumps(manifest, indent=1, default=str).encode())
-            final = self.root / version
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        with atomic_path(self.root / POINTER) as p:
-            _write_bytes(p, json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION,
-                                        "current": version}, indent=1).encode())
-            os.chmod(p, 0o644)  # mkstemp makes it private; the bank's other files are world-readable
-        previous, self.version = self.version, version
-        for d in self.root.glob("v[0-9]*"):  # keep the new version and the one before it
-            if d.is_dir() and d.name not in (version, previous):
-                shutil.rmtree(d, ignore_errors=True)
+        meta = "".join(json.dumps(e.to_json(), sort_keys=True) + "\n" for e in self.entries).encode()
+        blobs = {
+            "index.faiss": self.index.to_bytes(),
+            "meta.jsonl": meta,
+            "ids.npy": npy_bytes(np.asarray(self.ids, np.int64)),
+            "image_emb.npy": npy_bytes(np.asarray(self.image_vecs, np.float32)),
+            "object_emb.npy": npy_bytes(np.asarray(self.object_vecs, np.float32)),
+            "embedder.json": json.dumps({"config": self.embedder.config, "state": self.embedder.state_dict(),
+                                         "probe": np.round(self.embedder.probe(), 6).tolist()}, indent=1).encode(),
+        }
+        manifest = {"count": len(self), "next_id": self.next_id, "spec": self.spec.to_json(),
+                    "factory": self.index.factory, "config": self.config, "classes": len(self._by_class)}
+        final = write_version(self.root, blobs, manifest, keep=self.version)
+        self.version = final.name
         return final
-
-
-def _latest_version(root: Path) -> int:
-    nums = [int(p.name[1:]) for p in root.glob("v[0-9]*") if p.name[1:].isdigit()]
-    nums += [int(p.name[2:8]) for p in root.glob(".v[0-9]*.tmp-*") if p.name[2:8].isdigit()]
-    return max(nums, default=0)
-
-
-def _corrupt(root: Path, what: str) -> str:
-    return (f"bank {root} is incomplete or corrupted: {what}. It will not be used; rebuild it with "
-            f"`python -m incontext.bank build <source> {root}` (or restore a complete copy)")
-
-
-def _read_manifest(root: Path) -> tuple[Path, dict]:
-    if not root.is_dir():
-        raise InputError(f"bank: no folder at {root}; build one with `python -m incontext.bank build <source> {root}`")
-    ptr = root / POINTER
-    if not ptr.is_file():
-        if any(root.glob("v[0-9]*")) or any(root.glob(".v[0-9]*.tmp-*")):
-            raise CorruptBankError(_corrupt(root, f"{POINTER} is missing (the first save was cut off)"))
-        raise InputError(f"bank: {root} is not a prompt bank (no {POINTER}); build one with "
-                         f"`python -m incontext.bank build <source> {root}`")
-    try:
-        pointer = json.loads(ptr.read_text())
-        if pointer.get("format") != FORMAT:
-            raise ValueError(f"format {pointer.get('format')!r}")
-        if int(pointer.get("format_version", 0)) > FORMAT_VERSION:
-            raise InputError(f"bank {root}: format version {pointer['format_version']} is newer than this incontext "
-                             f"supports ({FORMAT_VERSION}); upgrade incontext")
-        vdir = root / str(pointer["current"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CorruptBankError(_corrupt(root, f"{POINTER} is unreadable ({exc})")) from exc
-    mpath = vdir / "manifest.json"
-    if not mpath.is_file():
-        raise CorruptBankError(_corrupt(root, f"{vdir.name}/manifest.json is missing"))
-    try:
-        manifest = json.loads(mpath.read_text())
-        manifest["files"], manifest["count"], manifest["spec"]  # noqa: B018 (presence check)
-    except (ValueError, KeyError) as exc:
-        raise CorruptBankError(_corrupt(root, f"{vdir.name}/manifest.json is unreadable ({exc})")) from exc
-    return vdir, manifest

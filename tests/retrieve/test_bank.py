@@ -15,6 +15,7 @@ from PIL import Image
 from incontext.errors import InputError
 from incontext.retrieve import CorruptBankError, PromptBank, Retriever, folder_items, load_config
 from incontext.retrieve import bank as bank_module
+from incontext.retrieve import store as store_module
 from incontext.retrieve.embed import EmbeddingSpec, content_hash
 
 from .conftest import FAST, concept_pair
@@ -107,19 +108,19 @@ def test_crash_during_save_keeps_previous_bank(saved_bank, tmp_path, monkeypatch
     bank = PromptBank.load(root)
     img, mask = concept_pair("green_dots", 555)
     bank.add([bank_module.BankItem(img, mask, "green_dots")], cache=False, progress=False)
-    real = bank_module._write_bytes
+    real = store_module._write_bytes
 
     def dying(path, data):
         if path.name == "image_emb.npy":
             raise OSError("disk full (simulated)")
         real(path, data)
 
-    monkeypatch.setattr(bank_module, "_write_bytes", dying)
+    monkeypatch.setattr(store_module, "_write_bytes", dying)
     with pytest.raises(OSError, match="simulated"):
         bank.save()
     assert len(PromptBank.load(root)) == 12  # the previous version, complete
     assert not list(root.glob(".v*")), "temporary version folder left behind"
-    monkeypatch.setattr(bank_module, "_write_bytes", real)
+    monkeypatch.setattr(store_module, "_write_bytes", real)
     bank.save()
     assert len(PromptBank.load(root)) == 13
 

@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from incontext.bank import main
 from incontext.retrieve import PromptBank
