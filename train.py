@@ -13,6 +13,7 @@ Config: ``configs/trainer.yaml`` (root) + ``configs/train/<name>.yaml`` (loop se
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import hydra
@@ -34,7 +35,7 @@ def main(cfg: DictConfig) -> None:
     loop_cfg = TrainConfig.from_dict(OmegaConf.to_container(cfg.train, resolve=True))
     summary = train(task, train_data, loop_cfg, cfg.out_dir, resume=bool(cfg.resume), eval_data=eval_data,
                     evaluate_fn=evaluate_fn, run_config=OmegaConf.to_container(cfg, resolve=True))
-    if summary is not None and int(__import__("os").environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary))
 
 

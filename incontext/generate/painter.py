@@ -32,7 +32,7 @@ from incontext.errors import InputError, WeightsNotFoundError
 from incontext.generate import canvas
 from incontext.pipeline import Carry, Pipeline, State
 
-__all__ = ["PainterMethod", "PainterStage", "load_seggpt", "build_seggpt", "paint", "SEGGPT_HUB_ID"]
+__all__ = ["PainterMethod", "PainterStage", "load_seggpt", "load_seggpt_config", "build_seggpt", "seggpt_config", "paint", "SEGGPT_HUB_ID"]
 
 SEGGPT_HUB_ID = "BAAI/seggpt-vit-large"
 ENSEMBLES = ("feature", "spatial")
@@ -40,16 +40,22 @@ EMBEDDING_TYPES = ("instance", "semantic")
 
 
 # ------------------------------------------------------------------------------------------ loading
+def seggpt_config(model_config: dict[str, Any]) -> Any:
+    """``SegGptConfig`` from keyword arguments, with a clear error for bad ones."""
+    from transformers import SegGptConfig
+
+    try:
+        return SegGptConfig(**dict(model_config))
+    except (TypeError, ValueError) as err:
+        raise InputError(f"model_config: {err}; see SegGptConfig for the accepted keys") from None
+
+
 def build_seggpt(model_config: dict[str, Any]) -> torch.nn.Module:
     """A randomly initialised ``SegGptForImageSegmentation`` from ``SegGptConfig`` keyword arguments
     (tiny configs for tests and training from scratch). Seed ``torch`` before calling for a reproducible init."""
-    from transformers import SegGptConfig, SegGptForImageSegmentation
+    from transformers import SegGptForImageSegmentation
 
-    try:
-        config = SegGptConfig(**dict(model_config))
-    except (TypeError, ValueError) as err:
-        raise InputError(f"model_config: {err}; see SegGptConfig for the accepted keys") from None
-    return SegGptForImageSegmentation(config)
+    return SegGptForImageSegmentation(seggpt_config(model_config))
 
 
 def _resolve_checkpoint(checkpoint: str | Path) -> Path:
@@ -79,22 +85,38 @@ def _resolve_checkpoint(checkpoint: str | Path) -> Path:
     return path
 
 
+def load_seggpt_config(checkpoint: str | Path) -> Any:
+    """The ``SegGptConfig`` of a checkpoint folder (or cached Hub id) without loading its weights."""
+    from transformers import SegGptConfig
+
+    return SegGptConfig.from_pretrained(str(_resolve_checkpoint(checkpoint)), local_files_only=True)
+
+
 def load_seggpt(checkpoint: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Load ``SegGptForImageSegmentation`` from a local Hugging Face folder (or a cached Hub id such as
     ``BAAI/seggpt-vit-large``), safetensors only, offline, in eval mode on ``device``."""
     from transformers import SegGptForImageSegmentation
 
+    from transformers.utils import logging as hf_logging
+
     folder = _resolve_checkpoint(checkpoint)
-    model = SegGptForImageSegmentation.from_pretrained(
-        str(folder), local_files_only=True, use_safetensors=True
-    )
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per build is noise for users
+    try:
+        model = SegGptForImageSegmentation.from_pretrained(
+            str(folder), local_files_only=True, use_safetensors=True
+        )
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
     return model.eval().to(device)
 
 
 # ------------------------------------------------------------------------------------------ painting
-def cell_size(model: torch.nn.Module) -> tuple[int, int]:
-    """(h, w) of one canvas cell: half the configured stacked canvas height, full width."""
-    size = model.config.image_size
+def cell_size(model: Any) -> tuple[int, int]:
+    """(h, w) of one canvas cell of a model (or its ``SegGptConfig``): half the stacked canvas height, full
+    width."""
+    size = getattr(model, "config", model).image_size
     h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     return h // 2, w
 
@@ -172,7 +194,8 @@ class PainterStage:
             else:
                 raise InputError(
                     "painter: no weights; set checkpoint=<folder with config.json + model.safetensors> "
-                    "(e.g. a train.py run's checkpoints/best), or model_config=... for a random model"
+                    "(infer.py / evaluate: method.checkpoint=...; e.g. a train.py run's checkpoints/last, or "
+                    "a local copy of BAAI/seggpt-vit-large), or model_config=... for a random model"
                 )
         self.model = model.to(self.device)
         self.ensemble = ensemble

@@ -31,7 +31,14 @@ import torch
 import torch.nn.functional as F
 
 from incontext.generate import canvas
-from incontext.generate.painter import PainterStage, build_seggpt, cell_size, load_seggpt
+from incontext.generate.painter import (
+    PainterStage,
+    build_seggpt,
+    cell_size,
+    load_seggpt,
+    load_seggpt_config,
+    seggpt_config,
+)
 from incontext.train.data import TrainItem
 
 __all__ = ["PainterTask", "block_mask", "masked_smooth_l1"]
@@ -157,12 +164,11 @@ class PainterTask:
         self.fg_weight = float(fg_weight)
         self.embedding_type = embedding_type
         self.eval_ensemble = eval_ensemble
-        self._probe = build_seggpt(self.model_config) if init_checkpoint is None else None
-        ref = self._probe if self._probe is not None else load_seggpt(init_checkpoint)
-        self.cell = cell_size(ref)
-        self.patch = int(ref.config.patch_size)
-        self.beta = float(ref.config.beta)
-        self._probe = None  # only needed for the geometry
+        config = seggpt_config(self.model_config) if init_checkpoint is None else \
+            load_seggpt_config(init_checkpoint)
+        self.cell = cell_size(config)
+        self.patch = int(config.patch_size)
+        self.beta = float(config.beta)
 
     # ------------------------------------------------------------------ TrainTask
     def build_model(self) -> torch.nn.Module:

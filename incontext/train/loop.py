@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -62,14 +62,13 @@ class TrainConfig:
     find_unused_parameters: bool = True
     progress: bool = True
     tensorboard: Any = "auto"
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         known = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"train: unknown setting(s) {unknown}; known: {sorted(known - {'extra'})}")
+            raise ValueError(f"train: unknown setting(s) {unknown}; known: {sorted(known)}")
         d = dict(d)
         if "betas" in d:
             d["betas"] = tuple(d["betas"])
