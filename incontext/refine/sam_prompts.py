@@ -39,6 +39,8 @@ from segment_anything.utils.amg import (
 from segment_anything.utils.transforms import ResizeLongestSide
 from torchvision.ops.boxes import batched_nms
 
+from incontext.refine.matcher_decoder import decode_masks, supports_sharing
+
 __all__ = [
     "Candidates",
     "DecodeSettings",
@@ -205,6 +207,8 @@ class DecodeSettings:
         box_nms_thresh: joint box-NMS IoU threshold over grid + prompted masks (1.0 = off).
         points_per_batch: the released batch size; chunks never cross its boundaries.
         decode_chunk: sets decoded per call inside a released batch (speed only; >= 4).
+        share_image_work: compute the decoder's prompt-independent first-block work once per call
+            (:mod:`incontext.refine.matcher_decoder`; bit-identical, speed only).
     """
 
     points_per_side: int = 64
@@ -220,6 +224,7 @@ class DecodeSettings:
     box_nms_thresh: float = 1.0
     points_per_batch: int = 64
     decode_chunk: int = 8
+    share_image_work: bool = True
 
 
 @dataclass
@@ -328,16 +333,26 @@ def _decode(
     multimask: bool,
     input_size: tuple[int, int],
     original_size: tuple[int, int],
+    share: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One SamPredictor.predict_torch call: mask logits at the original size and predicted IoU."""
+    """One SamPredictor.predict_torch call: mask logits at the original size and predicted IoU.
+
+    With ``share`` (and SAM's own decoder classes) the decoder runs through
+    :func:`incontext.refine.matcher_decoder.decode_masks`, which computes the image-only part of its first block
+    once for all sets (bit-identical outputs)."""
     sparse, dense = sam.prompt_encoder(points=(coords, labels), boxes=boxes, masks=None)
-    low_res, iou = sam.mask_decoder(
-        image_embeddings=embedding,
-        image_pe=sam.prompt_encoder.get_dense_pe(),
-        sparse_prompt_embeddings=sparse,
-        dense_prompt_embeddings=dense,
-        multimask_output=multimask,
-    )
+    if share and supports_sharing(sam.mask_decoder):
+        low_res, iou = decode_masks(
+            sam.mask_decoder, embedding, sam.prompt_encoder.get_dense_pe(), sparse, dense, multimask
+        )
+    else:
+        low_res, iou = sam.mask_decoder(
+            image_embeddings=embedding,
+            image_pe=sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+        )
     logits = sam.postprocess_masks(low_res, input_size, original_size)
     return logits, iou
 
@@ -439,7 +454,8 @@ def decode_grid(
         pts = torch.as_tensor(transform.apply_coords(points[a:b], (h, w)), device=embedding.device)
         labels = torch.ones(pts.shape[0], dtype=torch.int, device=embedding.device)
         logits, iou = _decode(
-            sam, embedding, pts[:, None, :], labels[:, None], None, multimask, input_size, (h, w)
+            sam, embedding, pts[:, None, :], labels[:, None], None, multimask, input_size, (h, w),
+            share=settings.share_image_work,
         )
         # ... and slices its outputs by its own output_layer but with the *prompted* branch's flag.
         logits, iou, ch0 = _select_outputs(logits, iou, settings.dense_multimask, settings.multimask_output)
@@ -480,7 +496,8 @@ def decode_prompt_groups(
             labels = torch.ones(coords.shape[:2], dtype=torch.int, device=device)
             boxes = None if box_t is None else box_t.expand(coords.shape[0], -1)
             logits, iou = _decode(
-                sam, embedding, coords, labels, boxes, settings.multimask_output, input_size, (h, w)
+                sam, embedding, coords, labels, boxes, settings.multimask_output, input_size, (h, w),
+                share=settings.share_image_work,
             )
             logits, iou, ch0 = _select_outputs(logits, iou, settings.output_layer, settings.multimask_output)
             _finish_batch(

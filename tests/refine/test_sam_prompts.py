@@ -215,3 +215,25 @@ def test_on_batch_observer_sees_every_set(tiny):
 def test_select_outputs_rejects_impossible_layer():
     with pytest.raises(ValueError, match="output layer"):
         sp._select_outputs(torch.zeros(2, 1, 4, 4), torch.zeros(2, 1), 2, True)
+
+
+@pytest.mark.parametrize("multimask", [False, True])
+def test_shared_first_block_decoder_is_bit_identical(tiny, multimask):
+    from incontext.refine.matcher_decoder import decode_masks, supports_sharing
+
+    pred, image, emb = tiny
+    sam = pred.model
+    assert supports_sharing(sam.mask_decoder)
+    g = torch.Generator().manual_seed(0)
+    coords = torch.rand(6, 3, 2, generator=g) * 1024
+    boxes = torch.tensor([[100.0, 200.0, 700.0, 600.0]]).expand(6, -1)
+    for box in (None, boxes):
+        with torch.inference_mode():
+            sparse, dense = sam.prompt_encoder(points=(coords, torch.ones(6, 3, dtype=torch.int)), boxes=box,
+                                               masks=None)
+            ref = sam.mask_decoder(image_embeddings=emb.features, image_pe=sam.prompt_encoder.get_dense_pe(),
+                                   sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                   multimask_output=multimask)
+            got = decode_masks(sam.mask_decoder, emb.features, sam.prompt_encoder.get_dense_pe(), sparse, dense,
+                               multimask)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
