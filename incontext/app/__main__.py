@@ -16,7 +16,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--method", default=None,
                    help="method selected when the page opens (default: generalist if installed, else prototype)")
     p.add_argument("--sam", default=APP_SAM,
-                   help=f"backbone config that turns clicks into masks (configs/backbone/<name>.yaml; default {APP_SAM})")
+                   help="backbone config that turns clicks into masks (configs/backbone/<name>.yaml; "
+                        f"default {APP_SAM})")
     p.add_argument("--bank", default=None, help="prompt bank folder offered in the bank panel")
     p.add_argument("--device", default="cpu", help="device for methods and SAM (default cpu)")
     p.add_argument("--max-pixels", type=int, default=APP_MAX_PIXELS,

@@ -254,7 +254,8 @@ class Handlers:
         queries, skipped = [], []
         for p in query_paths:
             try:
-                queries.append((Path(p).name, logic.read_upload_image(p, what="query", max_pixels=self.config.max_pixels)))
+                image = logic.read_upload_image(p, what="query", max_pixels=self.config.max_pixels)
+                queries.append((Path(p).name, image))
             except InputError as err:
                 skipped.append(str(err))
         if not queries:
@@ -271,12 +272,14 @@ class Handlers:
 
             results = logic.run_queries(model, ctx, queries, out, progress=tick)
         total = time.perf_counter() - t0
-        gallery = [(str(r.overlay_path), r.caption()) for r in results]
+        gallery = gr.update(value=[(str(r.overlay_path), r.caption()) for r in results],
+                            columns=max(1, min(len(results), 3)))
         table = [r.row() for r in results]
         files = [str(r.mask_path) for r in results] + ([str(concept_path)] if concept_path else [])
         found = sum(r.pixels > 0 for r in results)
-        text = (f"{md_escape(ctx.method)}: object found in {found} of {len(results)} quer{'y' if len(results) == 1 else 'ies'}"
-                f" ({md_escape(done)}; {total:.2f} s in all).")
+        noun = "query" if len(results) == 1 else "queries"
+        text = (f"{md_escape(ctx.method)}: object found in {found} of {len(results)} {noun} ({md_escape(done)}; "
+                f"{total:.2f} s in all).")
         if skipped:
             text += " Skipped: " + " | ".join(md_escape(s) for s in skipped)
             return session, gallery, table, files, f"**Done, with problems.** {text}"
@@ -300,7 +303,8 @@ class Handlers:
         folder_out.mkdir(exist_ok=True)
         gallery = []
         for i, h in enumerate(hits):
-            p = logic.write_support_preview(h.support, folder_out / f"hit_{i}_{logic.support_key('', [h.support])[:8]}.png")
+            name = f"hit_{i}_{logic.support_key('', [h.support])[:8]}.png"
+            p = logic.write_support_preview(h.support, folder_out / name)
             gallery.append((str(p), f"{i + 1}: {h.cls} · {h.score:.3f}"))
         return session, gallery, [h.row(i + 1) for i, h in enumerate(hits)], ok(
             f"{len(hits)} example(s) from the bank in {seconds * 1000:.0f} ms. **Use these as supports** to segment "

@@ -63,7 +63,8 @@ def default_method(names: Sequence[str]) -> str:
         if name in names:
             return name
     if not names:
-        raise InputError("methods: no method configs found in configs/method; reinstall incontext with `pip install -e .`")
+        raise InputError("methods: no method configs found in configs/method; reinstall incontext with "
+                         "`pip install -e .`")
     return sorted(names)[0]
 
 

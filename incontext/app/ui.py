@@ -56,21 +56,21 @@ def build_blocks(h: Handlers, default_method: str) -> gr.Blocks:
                     mask_file = gr.File(label="Mask PNG for this image (0 = background)", elem_id="mask-file",
                                         height=90)
                 add = gr.Button("Add support", variant="primary", elem_id="add-support")
-                supports = gr.Gallery(label="Supports (0)", columns=4, height=170, elem_id="supports",
-                                      allow_preview=True, object_fit="contain")
+                supports = gr.Gallery(label="Supports (0)", columns=4, fit_columns=False, height=230,
+                                      elem_id="supports", preview=False, object_fit="contain")
                 with gr.Row():
                     remove_last = gr.Button("Remove last", size="sm", elem_id="remove-last")
                     clear_supports = gr.Button("Clear all", size="sm", elem_id="clear-supports")
                 concept_in = gr.File(label="…or reload a saved concept (.safetensors)", elem_id="concept-in",
-                                     height=90)
+                                     height=130)
 
             with gr.Column(scale=1):
                 gr.Markdown("### 2 · Find it")
                 queries = gr.File(label="Query images (one or many)", file_count="multiple", elem_id="queries",
                                   height=90)
                 run = gr.Button("Segment", variant="primary", elem_id="run")
-                results = gr.Gallery(label="Results: overlays with score and time", columns=2, height=420,
-                                     elem_id="results", object_fit="contain")
+                results = gr.Gallery(label="Results: overlays with score and time", columns=2, height="auto",
+                                     elem_id="results", object_fit="contain", preview=False)
                 table = gr.Dataframe(headers=logic.RESULT_HEADERS, label="Per query", interactive=False,
                                      elem_id="results-table", wrap=True)
                 downloads = gr.File(label="Download masks (PNG) and the concept (.safetensors)",
@@ -87,10 +87,12 @@ def build_blocks(h: Handlers, default_method: str) -> gr.Blocks:
                 search = gr.Button("Search examples", elem_id="bank-search")
                 concepts = gr.Button("Which concepts are in it?", elem_id="bank-concepts")
                 use_hits = gr.Button("Use these as supports", elem_id="bank-use")
-            hits = gr.Gallery(label="Examples", columns=5, height=180, elem_id="bank-hits", object_fit="contain")
-            hits_table = gr.Dataframe(headers=logic.BANK_HEADERS, interactive=False, elem_id="bank-table")
-            concepts_table = gr.Dataframe(headers=logic.CONCEPT_HEADERS, interactive=False,
-                                          elem_id="bank-concepts-table")
+            hits = gr.Gallery(label="Examples", columns=5, fit_columns=False, height="auto", elem_id="bank-hits",
+                              object_fit="contain", preview=False)
+            hits_table = gr.Dataframe(headers=logic.BANK_HEADERS, label="Examples found", interactive=False,
+                                      elem_id="bank-table")
+            concepts_table = gr.Dataframe(headers=logic.CONCEPT_HEADERS, label="The bank's concepts in the photo",
+                                          interactive=False, elem_id="bank-concepts-table")
 
         # ---- wiring
         method.change(h.method_info, method, method_info, show_progress="hidden")
