@@ -287,6 +287,14 @@ class Session:
             self.workdir = Path(tempfile.mkdtemp(prefix="page-", dir=root))
         return self.workdir
 
+    def close(self) -> None:
+        """Remove this page's output folder (the page was closed; what it offered was copied by the server)."""
+        import shutil
+
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
 
 def support_key(method: str, supports: Sequence[Support]) -> str:
     """A digest of the method name and every support's pixels and mask (what a prepared concept depends on)."""

@@ -25,8 +25,10 @@ footer { display: none !important; }
 
 def build_blocks(h: Handlers, default_method: str) -> gr.Blocks:
     """The page (a ``gr.Blocks``) with every event wired to ``h``."""
-    with gr.Blocks(title="incontext · one-shot personalisation", analytics_enabled=False) as demo:
-        session = gr.State(logic.Session())
+    # Uploads and served copies older than a day are dropped hourly; a closed page's own folder at once.
+    with gr.Blocks(title="incontext · one-shot personalisation", analytics_enabled=False,
+                   delete_cache=(3600, 86400)) as demo:
+        session = gr.State(logic.Session(), delete_callback=logic.Session.close)
         gr.Markdown(INTRO)
         with gr.Row():
             method = gr.Dropdown(h.methods, value=default_method, label="Method / preset", elem_id="method",

@@ -157,7 +157,7 @@ def as_mask(data: bytes, tmp: Path, name: str) -> np.ndarray:
     return read_mask(path)
 
 
-def test_demo_episode_in_the_browser_matches_the_python_api(app_url, browser, expected_mask, tmp_path):
+def test_demo_episode_in_the_browser_matches_the_python_api(browser, app_url, expected_mask, tmp_path):
     page = open_page(browser, app_url)
     page.get_by_label("Mask file").check()
     for i, (img, msk) in enumerate(SUPPORTS):
@@ -211,7 +211,7 @@ def test_demo_episode_in_the_browser_matches_the_python_api(app_url, browser, ex
     page.close()
 
 
-def test_brush_clicks_and_bad_uploads_in_the_browser(app_url, browser, tmp_path):
+def test_brush_clicks_and_bad_uploads_in_the_browser(browser, app_url, tmp_path):
     from PIL import Image
 
     notes = tmp_path / "notes.txt"

@@ -121,20 +121,17 @@ def test_bad_inputs_give_one_readable_line(handlers, tmp_path):
 
 
 def test_clicks_use_the_configured_sam(tmp_path):
-    from incontext.backbones import build_backbone
-
     h = Handlers(AppConfig(method="prototype", sam="sam_tiny"), tmp_path, ["prototype"])
     session = h.load_support_image(str(SUPPORTS[0][0]), logic.Session())[0]
     session, view, status = h.click("object", session, SimpleNamespace(index=[120, 80]))
     assert status.startswith("**Done.** 1 click(s): SAM (sam\\_tiny") and Path(view).is_file()
-    # The mask is what the configured SAM gives for that click.
-    assert h.clicker.predictor.name.startswith("sam_tiny")
-    fresh_sam = build_backbone("sam_tiny")  # seed 0: the same random weights
-    expected = logic.ClickSegmenter(fresh_sam).mask(session.image, [(120, 80, 1)])
-    np.testing.assert_array_equal(session.click_mask, expected.astype(np.uint8))
+    assert h.clicker.predictor.name.startswith("sam_tiny")  # built from --sam on the first click
+    assert session.click_mask.shape == (256, 256) and session.click_mask.dtype == np.uint8
+    assert f"outlined {int(session.click_mask.sum())} pixels" in status
     session, view, status = h.click("background", session, SimpleNamespace(index=[10, 10]))
     assert session.clicks == [(120, 80, 1), (10, 10, 0)] and "2 click(s)" in status
-    assert h.clear_clicks(session)[0].clicks == []
+    session, view, status = h.clear_clicks(session)
+    assert session.clicks == [] and session.click_mask is None and view is session.image
 
 
 def test_missing_sam_weights_are_reported_in_the_page(tmp_path):

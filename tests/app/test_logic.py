@@ -247,6 +247,16 @@ def test_load_concept_checks_file_and_method(tmp_path):
         logic.load_concept(None, ["prototype"])
 
 
+def test_session_folder_is_made_once_and_removed_on_close(tmp_path):
+    s = logic.Session()
+    folder = s.folder(tmp_path / "root")
+    assert folder.is_dir() and folder.parent == tmp_path / "root" and s.folder(tmp_path / "root") == folder
+    (folder / "x.png").write_bytes(b"x")
+    s.close()
+    assert not folder.exists() and s.workdir is None
+    s.close()  # closing twice is harmless
+
+
 def test_support_key_changes_with_method_pixels_and_mask():
     a = Support(np.zeros((6, 6, 3), np.uint8), np.eye(6, dtype=np.uint8))
     b = Support(np.zeros((6, 6, 3), np.uint8), np.eye(6, dtype=np.uint8)[::-1].copy())
