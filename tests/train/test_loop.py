@@ -98,10 +98,13 @@ def test_optimizer_state_roundtrip_is_exact(tmp_path):
     for _ in range(2):
         model(torch.randn(5, 4)).pow(2).sum().backward()
         opt.step()
-    ckpt.save_checkpoint(tmp_path, 2, lambda d: (d / "config.json").write_text("{}") or
-                         __import__("safetensors.torch").torch.save_file(model.state_dict(),
-                                                                         str(d / "model.safetensors")),
-                         opt, {"step": 2})
+    def save_model(folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        (folder / "config.json").write_text("{}")
+        save_file(model.state_dict(), str(folder / "model.safetensors"))
+
+    ckpt.save_checkpoint(tmp_path, 2, save_model, opt, {"step": 2})
     opt2 = build_adamw(model, 1e-2, 0.05)
     state = ckpt.load_training_state(tmp_path / "last", opt2)
     assert state["step"] == 2
