@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("source")
     b.add_argument("bank_dir")
     b.add_argument("--config", default="default", help="retrieval config name (configs/retrieval) or YAML path")
+    b.add_argument("--first-id", type=int, default=0, help="first entry id (disjoint ranges for shards)")
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. index.factory=HNSW32 (repeatable)")
     _add_source_args(b)
@@ -103,7 +104,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.cmd == "build":
         cfg = load_config(args.config, args.overrides)
-        bank = PromptBank.create(args.bank_dir, cfg, device=args.device)
+        bank = PromptBank.create(args.bank_dir, cfg, device=args.device, first_id=args.first_id)
         ids = _add(bank, args)
         if not ids:
             raise InputError(f"source: {args.source} gave no usable example (every mask empty?)")

@@ -13,6 +13,7 @@ from incontext.retrieve.config import load_config
 from incontext.retrieve.embed import DinoV2Dense, EmbeddingSpec, FeatureEmbedder, build_embedder, content_hash
 from incontext.retrieve.index import IndexConfig, VectorIndex
 from incontext.retrieve.retriever import ConceptScore, Hit, Retriever, load_retriever
+from incontext.retrieve.shards import merge_topk, search_shards
 
 __all__ = [
     "BankItem",
@@ -32,4 +33,6 @@ __all__ = [
     "folder_items",
     "load_config",
     "load_retriever",
+    "merge_topk",
+    "search_shards",
 ]

@@ -154,17 +154,23 @@ class PromptBank:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def create(cls, root: str | os.PathLike, config: dict | None = None, device: str = "cpu") -> "PromptBank":
+    def create(cls, root: str | os.PathLike, config: dict | None = None, device: str = "cpu", first_id: int = 0
+               ) -> "PromptBank":
         """A new, empty bank bound to ``root`` (nothing is written until :meth:`save`).
 
-        Refuses a folder that already holds a bank (use :meth:`load` and :meth:`add`)."""
+        ``first_id`` starts the id range (shards of one large bank use disjoint ranges, so their results can be
+        merged by id). Refuses a folder that already holds a bank (use :meth:`load` and :meth:`add`)."""
         from incontext.retrieve.config import load_config
 
         root = Path(root).expanduser()
         if (root / POINTER).exists():
             raise InputError(f"bank: {root} already holds a prompt bank; use `add` to extend it or choose a new folder")
         cfg = config if config is not None else load_config("default")
-        return cls(root, build_embedder(cfg["embedding"], device=device), cfg)
+        bank = cls(root, build_embedder(cfg["embedding"], device=device), cfg)
+        if int(first_id) < 0:
+            raise InputError(f"first_id: {first_id}; ids are non-negative int64")
+        bank.next_id = int(first_id)
+        return bank
 
     @classmethod
     def load(cls, root: str | os.PathLike, verify: str = "auto", device: str = "cpu", mmap: bool = True

@@ -43,6 +43,9 @@ def test_build_add_remove_info(tmp_path, capsys):
     bank_dir = tmp_path / "bank"
     assert main(["build", str(src), str(bank_dir), "--quiet", "--no-cache", *_sets()]) == 0
     assert len(PromptBank.load(bank_dir)) == 6
+    assert main(["build", str(src), str(tmp_path / "shard2"), "--quiet", "--no-cache", "--first-id", "1000",
+                 *_sets()]) == 0
+    assert PromptBank.load(tmp_path / "shard2").ids.tolist() == list(range(1000, 1006))
     more = write_source(tmp_path / "more", per_class=3)  # the first two per class are the same pixels
     assert main(["add", str(bank_dir), str(more / "red_stripes"), "--class", "red_stripes", "--quiet",
                  "--no-cache", "--copy"]) == 0
