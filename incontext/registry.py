@@ -62,11 +62,17 @@ def instantiate_method(node: DictConfig | dict, **kwargs: Any) -> Any:
 
     node = OmegaConf.create(OmegaConf.to_container(node, resolve=True)) if not isinstance(node, dict) \
         else OmegaConf.create(node)
+    objects: dict[str, Any] = {}
     for key, value in kwargs.items():
-        OmegaConf.update(node, key, value, force_add=True)
+        if value is None or isinstance(value, (str, int, float, bool, list, tuple, dict)):
+            OmegaConf.update(node, key, value, force_add=True)
+        elif "." in key:
+            raise InputError(f"{key}: only plain values can be set inside a stage; pass objects top-level")
+        else:  # live objects (a retriever, a model) go straight to the constructor
+            objects[key] = value
     if "_target_" not in node:
         raise InputError("method: the config has no _target_; point it at a Segmenter class")
-    return instantiate(node, _convert_="partial")
+    return instantiate(node, _convert_="partial", **objects)
 
 
 def build(name: str, overrides: Sequence[str] = (), **kwargs: Any) -> Any:

@@ -63,3 +63,13 @@ def test_infer_bad_input_one_line_and_nothing_written(tmp_path):
 def test_infer_missing_query_names_argument(tmp_path):
     r = run_infer(f"query={tmp_path / 'nope.jpg'}", f"output_dir={tmp_path / 'o'}")
     assert r.returncode != 0 and "query" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_infer_with_bank_and_no_supports_retrieves(tmp_path):
+    out = tmp_path / "out"
+    r = run_infer(f"query={REPO / 'examples/demo/query.png'}", f"bank={REPO / 'prompts_bank/synthetic-mini'}",
+                  "shots=2", f"output_dir={out}")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((out / "query.json").read_text())
+    assert len(summary["extras"]["retrieved_supports"]) == 2
+    assert np.array(Image.open(out / "query_mask.png")).shape == (256, 256)
