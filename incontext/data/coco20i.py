@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from incontext.data.files import FileBenchmark, require_dir, split_lines
+from incontext.data.files import FileBenchmark, check_fold_split, require_dir, split_lines
 from incontext.errors import InputError
 
 CLASSES = (
@@ -51,10 +51,7 @@ class Coco20i(FileBenchmark):
 
     def __init__(self, root: str | None = None, fold: int = 0, split: str = "val", **kw) -> None:
         super().__init__(**kw)
-        if int(fold) not in range(4):
-            raise InputError(f"benchmark.fold: {fold!r}; pass 0, 1, 2 or 3")
-        if split not in ("val", "trn"):
-            raise InputError(f"benchmark.split: {split!r}; pass val or trn")
+        check_fold_split(fold, split, 4)
         base = require_dir(root, what="COCO2014 with HSNet's class masks",
                            layout="<root>/val2014/*.jpg and <root>/annotations/val2014/*.png",
                            source="cocodataset.org (images) and HSNet's README (masks)")

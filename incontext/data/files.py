@@ -39,6 +39,14 @@ def require_dir(path: str | Path | None, *, what: str, layout: str, source: str,
     return p
 
 
+def check_fold_split(fold: int, split: str, n_folds: int) -> None:
+    """Refuse a fold outside 0..n_folds-1 or a split other than "val"/"trn", naming the config key and the fix."""
+    if int(fold) not in range(n_folds):
+        raise InputError(f"benchmark.fold: {fold!r}; pass 0 to {n_folds - 1}")
+    if split not in ("val", "trn"):
+        raise InputError(f"benchmark.split: {split!r}; pass val or trn")
+
+
 def split_lines(relpath: str) -> list[str]:
     """Non-empty, non-comment lines of a committed split file (``.gz`` read transparently)."""
     path = SPLITS_DIR / relpath

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from incontext.data.files import FileBenchmark, require_dir, safe_load_pickle, segm_to_mask
+from incontext.data.files import FileBenchmark, check_fold_split, require_dir, safe_load_pickle, segm_to_mask
 from incontext.errors import InputError
 
 N_FOLDS = 10
@@ -35,10 +35,7 @@ class Lvis92i(FileBenchmark):
 
     def __init__(self, root: str | None = None, fold: int = 0, split: str = "val", **kw) -> None:
         super().__init__(**kw)
-        if int(fold) not in range(N_FOLDS):
-            raise InputError(f"benchmark.fold: {fold!r}; pass 0 to 9")
-        if split not in ("val", "trn"):
-            raise InputError(f"benchmark.split: {split!r}; pass val or trn")
+        check_fold_split(fold, split, N_FOLDS)
         base = require_dir(root, what="LVIS-92i", layout="<root>/coco/{train2017,val2017} + <root>/lvis_val.pkl",
                            source="Matcher's datasets/README.md (lvis.zip) and cocodataset.org (COCO2017)")
         paths = {s: base / f"lvis_{s}.pkl" for s in ("train", "val")}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from incontext.data.base import IGNORE
-from incontext.data.files import FileBenchmark, require_dir, split_lines
+from incontext.data.files import FileBenchmark, check_fold_split, require_dir, split_lines
 from incontext.errors import InputError
 
 CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -36,10 +36,7 @@ class Pascal5i(FileBenchmark):
 
     def __init__(self, root: str | None = None, fold: int = 0, split: str = "val", **kw) -> None:
         super().__init__(**kw)
-        if int(fold) not in range(4):
-            raise InputError(f"benchmark.fold: {fold!r}; pass 0, 1, 2 or 3")
-        if split not in ("val", "trn"):
-            raise InputError(f"benchmark.split: {split!r}; pass val or trn")
+        check_fold_split(fold, split, 4)
         base = require_dir(root, what="PASCAL VOC2012 + SegmentationClassAug",
                            layout="<root>/VOC2012/JPEGImages and <root>/VOC2012/SegmentationClassAug",
                            source="the PASCAL VOC 2012 site + the SBD augmented masks (see HSNet's README)")
