@@ -1,12 +1,14 @@
 """PerSAM's location prior: target embedding from one reference, cosine map and point prompts.
 
 Follows ``persam.py`` / ``persam_f.py`` of ZrrSkywalker/Personalize-SAM @ a7e87245 (see
-``../shared/reference/persam.md`` sections 2-4). Every function takes and returns tensors; nothing here
-reads files or knows the SAM model object. Frames used in this module:
+``../shared/reference/persam.md`` sections 2-4). Every function takes and returns tensors; nothing
+here reads files or knows the SAM model object. Frames used in this module:
 
 - *original*: the image as given, ``(H, W)`` pixels;
-- *input*: after SAM's ``ResizeLongestSide(img_size)``, ``(h', w')`` with ``max(h', w') == img_size``;
-- *padded*: the input zero-padded to ``(img_size, img_size)`` (bottom/right), what SAM's encoder sees;
+- *input*: after SAM's ``ResizeLongestSide(img_size)``, ``(h', w')`` with ``max(h', w') ==
+  img_size``;
+- *padded*: the input zero-padded to ``(img_size, img_size)`` (bottom/right), what SAM's encoder
+  sees;
 - *grid*: SAM's image-embedding grid, ``(gh, gw)`` (64 x 64 for every released SAM).
 
 Points are ``(x, y)`` = (column, row) in original pixels, like SAM's predictor expects.
@@ -37,8 +39,8 @@ __all__ = [
     "attention_bias",
 ]
 
-# PerSeg masks are palette PNGs whose foreground decodes to RGB (128, 0, 0); the official mask path depends
-# on that red value (section 2 of the reference note), so binary masks are painted with it.
+# PerSeg masks are palette PNGs whose foreground decodes to RGB (128, 0, 0); the official mask path
+# depends on that red value (section 2 of the reference note), so binary masks are painted with it.
 PERSEG_FOREGROUND_RED = 128
 
 
@@ -47,7 +49,8 @@ class MaskGrid:
     """Reference mask on SAM's embedding grid.
 
     Attributes:
-        values: (gh, gw) float32; for the official rule the normalised red channel resampled to the grid.
+        values: (gh, gw) float32; for the official rule the normalised red channel resampled to the
+            grid.
         cells: (gh, gw) bool; the foreground cells used to build the target embedding.
     """
 
@@ -60,7 +63,8 @@ class TargetEmbedding:
     """Reference-derived vectors (C = SAM prompt/decoder width, 256 for released SAMs).
 
     Attributes:
-        raw: (C,) mean neck feature over the foreground cells, un-normalised (PerSAM's semantic prompt).
+        raw: (C,) mean neck feature over the foreground cells, un-normalised (PerSAM's semantic
+            prompt).
         sim: (C,) unit vector compared with query features (mean, or (max + mean) / 2 for PerSAM-F).
         mean: (C,) mean feature over the foreground cells.
         max: (C,) channel-wise max over the foreground cells.
@@ -79,7 +83,8 @@ class LocationMap:
     Attributes:
         grid: (gh, gw) cosine similarity on the embedding grid.
         lowres: (4 gh, 4 gw) the grid map upsampled x4 (bilinear), SAM's low-res mask frame.
-        full: (H, W) the map in the original frame (SAM's mask post-processing applied to ``lowres``).
+        full: (H, W) the map in the original frame (SAM's mask post-processing applied to
+            ``lowres``).
     """
 
     grid: torch.Tensor
@@ -112,19 +117,20 @@ def official_mask_grid(
     pixel_mean_r: float = 123.675,
     pixel_std_r: float = 58.395,
 ) -> MaskGrid:
-    """The reference mask on the embedding grid exactly as the official scripts compute it (the quirk).
+    """The reference mask on the embedding grid exactly as the official scripts compute it (quirk).
 
     The published predictor resizes the 3-channel mask image like the image (PIL bilinear via
-    ``ResizeLongestSide``), normalises it with SAM's *pixel* mean/std, zero-pads it to ``img_size``, and the
-    script bilinearly resizes that tensor to the grid (no antialias) and keeps cells whose red value is
-    ``> 0``. With PerSeg's red value 128 (normalised to about +0.074, background about -2.118) a cell counts
-    only when nearly all the few pixels the bilinear sampling reads are foreground; cells that mix
-    foreground with zero padding count too. Reproduced here for bit-parity (``mask_grid: official``).
+    ``ResizeLongestSide``), normalises it with SAM's *pixel* mean/std, zero-pads it to ``img_size``,
+    and the script bilinearly resizes that tensor to the grid (no antialias) and keeps cells whose
+    red value is ``> 0``. With PerSeg's red value 128 (normalised to about +0.074, background about
+    -2.118) a cell counts only when nearly all the few pixels the bilinear sampling reads are
+    foreground; cells that mix foreground with zero padding count too. Reproduced here for
+    bit-parity (``mask_grid: official``).
 
     Args:
-        mask_red: (H, W) uint8 red channel of the mask image as the official code reads it (PerSeg: 128 =
-            foreground), or a bool (H, W) mask, painted with red 128 as PerSeg does. A (H, W, 3) array is
-            accepted and its channel 0 used.
+        mask_red: (H, W) uint8 red channel of the mask image as the official code reads it (PerSeg:
+            128 = foreground), or a bool (H, W) mask, painted with red 128 as PerSeg does. A (H, W,
+            3) array is accepted and its channel 0 used.
         grid_hw: (gh, gw) embedding grid size (the official code takes it from the features).
         img_size: SAM's input side (``image_encoder.img_size``).
         pixel_mean_r, pixel_std_r: SAM's pixel mean/std of the red channel.
@@ -134,8 +140,9 @@ def official_mask_grid(
     """
     red = _red_channel(mask_red, "mask_red")
     h, w = red.shape
-    # ResizeLongestSide.apply_image resizes the 3-channel uint8 image with PIL; only channel 0 matters
-    # and PIL resamples bands independently, so a 3-band image with empty green/blue is equivalent.
+    # ResizeLongestSide.apply_image resizes the 3-channel uint8 image with PIL; only channel 0
+    # matters and PIL resamples bands independently, so a 3-band image with empty green/blue is
+    # equivalent.
     rgb = np.zeros((h, w, 3), dtype=np.uint8)
     rgb[..., 0] = red
     resized = ResizeLongestSide(img_size).apply_image(rgb)[..., 0]
@@ -146,9 +153,10 @@ def official_mask_grid(
     return MaskGrid(values=values, cells=values > 0)
 
 
-def area_mask_grid(mask: np.ndarray, grid_hw: tuple[int, int], *, img_size: int = 1024,
-                   threshold: float = 0.5) -> MaskGrid:
-    """Non-default alternative to the quirk: fraction of each grid cell covered by the mask > threshold.
+def area_mask_grid(
+    mask: np.ndarray, grid_hw: tuple[int, int], *, img_size: int = 1024, threshold: float = 0.5
+) -> MaskGrid:
+    """Non-default alternative to the quirk: cells whose covered fraction exceeds ``threshold``.
 
     The mask (bool or uint8, > 0 = foreground) is resized like the image (nearest), zero-padded, and
     average-pooled to the grid, so ``values`` is the covered fraction in [0, 1].
@@ -172,7 +180,8 @@ def foreground_features(features: torch.Tensor, cells: torch.Tensor) -> torch.Te
     """
     if features.ndim != 3 or tuple(features.shape[1:]) != tuple(cells.shape):
         raise InputError(
-            f"features: expected (C, gh, gw) matching cells {tuple(cells.shape)}, got {tuple(features.shape)}"
+            f"features: expected (C, gh, gw) matching cells {tuple(cells.shape)}, "
+            f"got {tuple(features.shape)}"
         )
     # HWC boolean indexing like the official script, so later reductions round identically.
     return features.permute(1, 2, 0)[cells.to(features.device)]
@@ -183,16 +192,17 @@ def target_embedding(local_features: torch.Tensor, *, sim_vector: str = "mean") 
 
     Args:
         local_features: (N, C) features of the foreground cells (:func:`foreground_features`).
-        sim_vector: ``"mean"`` (``persam.py``) or ``"max_mean"`` ((max + mean) / 2, ``persam_f.py``): the
-            vector L2-normalised into ``sim``.
+        sim_vector: ``"mean"`` (``persam.py``) or ``"max_mean"`` ((max + mean) / 2,
+            ``persam_f.py``): the vector L2-normalised into ``sim``.
 
     Raises:
         InputError: no foreground cell (the official code would average an empty set into NaN).
     """
     if local_features.ndim != 2 or local_features.shape[0] == 0:
         raise InputError(
-            "reference mask: no foreground cell on SAM's feature grid (the mask is empty or thinner than "
-            "about a 16x16-pixel block at SAM's 1024 input scale, which the official rule needs); use a "
+            "reference mask: no foreground cell on SAM's feature grid (the mask is empty or "
+            "thinner than about a 16x16-pixel block at SAM's 1024 input scale, which the official "
+            "rule needs); use a "
             "larger mask or set mask_grid=area"
         )
     mean = local_features.mean(0)
@@ -207,21 +217,30 @@ def target_embedding(local_features: torch.Tensor, *, sim_vector: str = "mean") 
     return TargetEmbedding(raw=mean, sim=sim, mean=mean, max=mx)
 
 
-def upsample_to_original(x: torch.Tensor, *, img_size: int, input_size: tuple[int, int],
-                         original_size: tuple[int, int]) -> torch.Tensor:
+def upsample_to_original(
+    x: torch.Tensor, *, img_size: int, input_size: tuple[int, int], original_size: tuple[int, int]
+) -> torch.Tensor:
     """SAM's mask post-processing: (B, C, h, w) -> (B, C, H, W) in the original frame.
 
-    Bilinear to the padded frame (``img_size`` squared), crop the valid ``input_size`` region, bilinear to
-    ``original_size`` (all ``align_corners=False``), like ``Sam.postprocess_masks``.
+    Bilinear to the padded frame (``img_size`` squared), crop the valid ``input_size`` region,
+    bilinear to ``original_size`` (all ``align_corners=False``), like ``Sam.postprocess_masks``.
     """
     x = F.interpolate(x, (img_size, img_size), mode="bilinear", align_corners=False)
     x = x[..., : input_size[0], : input_size[1]]
-    return F.interpolate(x, tuple(int(s) for s in original_size), mode="bilinear", align_corners=False)
+    return F.interpolate(
+        x, tuple(int(s) for s in original_size), mode="bilinear", align_corners=False
+    )
 
 
-def location_map(target_sim: torch.Tensor, features: torch.Tensor, *, img_size: int,
-                 input_size: tuple[int, int], original_size: tuple[int, int]) -> LocationMap:
-    """Cosine map of a unit target vector against L2-normalised image features, up to the original frame.
+def location_map(
+    target_sim: torch.Tensor,
+    features: torch.Tensor,
+    *,
+    img_size: int,
+    input_size: tuple[int, int],
+    original_size: tuple[int, int],
+) -> LocationMap:
+    """Cosine map of a unit target vector against L2-normalised features, up to the original frame.
 
     Args:
         target_sim: (C,) unit target vector (``TargetEmbedding.sim``).
@@ -233,16 +252,17 @@ def location_map(target_sim: torch.Tensor, features: torch.Tensor, *, img_size: 
     sim = target_sim.reshape(1, c) @ feat.reshape(c, gh * gw)
     grid = sim.reshape(1, 1, gh, gw)
     lowres = F.interpolate(grid, scale_factor=4, mode="bilinear")
-    full = upsample_to_original(lowres, img_size=img_size, input_size=input_size,
-                                original_size=original_size)
+    full = upsample_to_original(
+        lowres, img_size=img_size, input_size=input_size, original_size=original_size
+    )
     return LocationMap(grid=grid[0, 0], lowres=lowres[0, 0], full=full[0, 0])
 
 
 def select_points(sim_full: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Positive (argmax) and negative (argmin) point of a full-resolution map.
 
-    Uses ``topk(1)`` on the row-major flattened map like the official ``point_selection`` (its tie-breaking
-    included).
+    Uses ``topk(1)`` on the row-major flattened map like the official ``point_selection`` (its
+    tie-breaking included).
 
     Returns:
         (positive_xy, negative_xy), each (1, 2) int64, (x, y) in the map's (original) frame.
@@ -251,18 +271,21 @@ def select_points(sim_full: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     flat = sim_full.flatten()
     pos = int(flat.topk(1)[1][0])
     neg = int(flat.topk(1, largest=False)[1][0])
-    return (np.array([[pos % w, pos // w]], dtype=np.int64),
-            np.array([[neg % w, neg // w]], dtype=np.int64))
+    return (
+        np.array([[pos % w, pos // w]], dtype=np.int64),
+        np.array([[neg % w, neg // w]], dtype=np.int64),
+    )
 
 
 def attention_bias(sim_full: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
     """Target-guided attention bias: sigmoid of the z-scored map resized to the token grid.
 
-    The official code z-scores the full-resolution map (unbiased std), resizes it bilinearly to a hard-coded
-    64 x 64 and applies a sigmoid; ``grid_hw`` is taken from the features here (64 x 64 for every released
-    SAM, so identical in practice). Quirk kept for parity: the map resized is the *original-frame* map, while
-    the decoder's image tokens cover the *padded* square, so for a non-square image the bias grid is
-    stretched over the tokens (cell (i, j) of the bias describes original row i * H / gh, column j * W / gw).
+    The official code z-scores the full-resolution map (unbiased std), resizes it bilinearly to a
+    hard-coded 64 x 64 and applies a sigmoid; ``grid_hw`` is taken from the features here (64 x 64
+    for every released SAM, so identical in practice). Quirk kept for parity: the map resized is the
+    *original-frame* map, while the decoder's image tokens cover the *padded* square, so for a
+    non-square image the bias grid is stretched over the tokens (cell (i, j) of the bias describes
+    original row i * H / gh, column j * W / gw).
 
     Returns:
         (1, 1, 1, gh * gw) float32 in (0, 1), broadcast over batch, heads and query tokens.

@@ -1,20 +1,22 @@
-"""``method=persam`` and ``method=persam_f``: one-shot personalisation of SAM (Zhang et al., ICLR 2024).
+"""``method=persam`` and ``method=persam_f``: one-shot personalisation of SAM (Zhang et al., 2024).
 
-Prepare once, segment many: ``prepare(supports)`` encodes the reference(s) with SAM and keeps everything the
-query side needs in a ``Context`` (target vectors, the reference's foreground-cell features, PerSAM-F's fitted
-weights and the settings), so a saved concept needs neither the reference image nor another fit. Segmenting a
-query costs one SAM encoder pass (kept in the per-query ``cache`` under ``"sam_embedding"``, so several concepts
-on one query share it: ``segment_concepts(query, [ctx_a, ctx_b])`` labels concept i with i + 1) plus three
-decoder passes per concept.
+Prepare once, segment many: ``prepare(supports)`` encodes the reference(s) with SAM and keeps
+everything the query side needs in a ``Context`` (target vectors, the reference's foreground-cell
+features, PerSAM-F's fitted weights and the settings), so a saved concept needs neither the
+reference image nor another fit. Segmenting a query costs one SAM encoder pass (kept in the
+per-query ``cache`` under ``"sam_embedding"``, so several concepts on one query share it:
+``segment_concepts(query, [ctx_a, ctx_b])`` labels concept i with i + 1) plus three decoder passes
+per concept.
 
-Settings that shape the query-side computation (``attention``, ``semantic``, ``guidance``) are stored in the
-Context when it is prepared and read back from it when segmenting, so a saved concept gives the same masks
-whatever the current config says. The SAM that prepared a concept is recorded (its name and width); using a
-concept with another SAM is refused.
+Settings that shape the query-side computation (``attention``, ``semantic``, ``guidance``) are
+stored in the Context when it is prepared and read back from it when segmenting, so a saved concept
+gives the same masks whatever the current config says. The SAM that prepared a concept is recorded
+(its name and width); using a concept with another SAM is refused.
 
-Several supports (not in the paper, which is one-shot): the foreground-cell features of all references are
-pooled into one set (the target vectors are their mean / max), and PerSAM-F fits its two weights on all
-references' pixels at once. With one support both are exactly the official computation.
+Several supports (not in the paper, which is one-shot): the foreground-cell features of all
+references are pooled into one set (the target vectors are their mean / max), and PerSAM-F fits its
+two weights on all references' pixels at once. With one support both are exactly the official
+computation.
 """
 
 from __future__ import annotations
@@ -52,13 +54,14 @@ class PerSAM(Segmenter):
 
     Args:
         sam: backbones' ``BatchedSamPredictor`` (``configs/backbone/sam_*.yaml``).
-        mask_grid: ``"official"`` (the published mask-to-grid rule with its quirk, for parity) or ``"area"``
-            (cells more than half covered by the mask).
-        foreground_value: red value the official rule paints foreground with (PerSeg masks: 128); only used
-            by ``mask_grid="official"``.
+        mask_grid: ``"official"`` (the published mask-to-grid rule with its quirk, for parity) or
+            ``"area"`` (cells more than half covered by the mask).
+        foreground_value: red value the official rule paints foreground with (PerSeg masks: 128);
+            only used by ``mask_grid="official"``.
         attention: target-guided attention in the first decoder pass.
         semantic: target-semantic prompting in the first decoder pass.
-        guidance: hook semantics, ``"official"`` (the published fork) or ``"hf"`` (transformers' SamModel).
+        guidance: hook semantics, ``"official"`` (the published fork) or ``"hf"`` (transformers'
+            SamModel).
         name, device, retriever, shots: see ``Segmenter``.
     """
 
@@ -81,7 +84,8 @@ class PerSAM(Segmenter):
         super().__init__(name=name, device=device, retriever=retriever, shots=shots)
         if not isinstance(sam, BatchedSamPredictor):
             raise InputError(
-                f"sam: expected an incontext.backbones.sam.BatchedSamPredictor, got {type(sam).__name__}; "
+                "sam: expected an incontext.backbones.sam.BatchedSamPredictor, got "
+                f"{type(sam).__name__}; "
                 "build it with incontext.backbones.sam.build_sam (configs/backbone/sam_*.yaml)"
             )
         if mask_grid not in MASK_GRIDS:
@@ -112,8 +116,8 @@ class PerSAM(Segmenter):
 
         Args:
             references: (image (H, W, 3) uint8 RGB, mask (H, W)) pairs; a bool mask is painted with
-                ``foreground_value`` for the official grid rule, a uint8 mask is taken as the red channel the
-                official code reads (foreground = red > 0).
+                ``foreground_value`` for the official grid rule, a uint8 mask is taken as the red
+                channel the official code reads (foreground = red > 0).
         """
         feats, masks, locals_, info = [], [], [], []
         for i, (image, mask) in enumerate(references):
@@ -162,7 +166,9 @@ class PerSAM(Segmenter):
         if self.mask_grid == "area":
             return area_mask_grid(red > 0, grid_hw, img_size=model.image_encoder.img_size).cells
         return official_mask_grid(
-            red, grid_hw, img_size=model.image_encoder.img_size,
+            red,
+            grid_hw,
+            img_size=model.image_encoder.img_size,
             pixel_mean_r=float(model.pixel_mean.reshape(-1)[0]),
             pixel_std_r=float(model.pixel_std.reshape(-1)[0]),
         ).cells
@@ -181,15 +187,20 @@ class PerSAM(Segmenter):
         dim = int(self.predictor.model.prompt_encoder.embed_dim)
         if int(state["embed_dim"]) != dim or state["sam"] != self.predictor.name:
             raise InputError(
-                f"context: prepared with SAM {state['sam']!r} ({state['embed_dim']}-d) but this method runs "
-                f"{self.predictor.name!r} ({dim}-d); a concept only works with the SAM that made it — "
+                f"context: prepared with SAM {state['sam']!r} ({state['embed_dim']}-d) but this "
+                f"method runs {self.predictor.name!r} ({dim}-d); a concept only works with the SAM "
+                "that made it — "
                 "prepare it again, or build the method with the same backbone"
             )
 
     def _cascade(self, state: State):
         return persam_cascade(
-            self.predictor, target_sim=state["target_sim"], target_raw=state["target_raw"],
-            attention=bool(state["attention"]), semantic=bool(state["semantic"]), mode=state["guidance"],
+            self.predictor,
+            target_sim=state["target_sim"],
+            target_raw=state["target_raw"],
+            attention=bool(state["attention"]),
+            semantic=bool(state["semantic"]),
+            mode=state["guidance"],
         )
 
     def segment_binary(self, query: np.ndarray, state: State, *, cache: dict) -> BinaryResult:
@@ -198,19 +209,25 @@ class PerSAM(Segmenter):
         res = self._cascade(state)
         mask = res.mask.cpu().numpy()
         prob = torch.sigmoid(res.logits.float()).cpu().numpy().astype(np.float32)
-        extras = {"points_xy": res.points_xy.tolist(), "point_labels": res.point_labels.tolist(),
-                  "predicted_iou": res.score, **res.extras}
-        return BinaryResult(prob=prob, mask=mask, instances=[Instance(mask=mask, score=res.score)],
-                            extras=extras)
+        extras = {
+            "points_xy": res.points_xy.tolist(),
+            "point_labels": res.point_labels.tolist(),
+            "predicted_iou": res.score,
+            **res.extras,
+        }
+        return BinaryResult(
+            prob=prob, mask=mask, instances=[Instance(mask=mask, score=res.score)], extras=extras
+        )
 
 
 class PerSAMF(PerSAM):
     """PerSAM-F: PerSAM plus two mask-mixing weights fitted on the reference (cached-logit fit).
 
     Args:
-        iterations, lr, eps, weight_decay: the fit (official: 1000 AdamW steps, lr 1e-3, eps 1e-4, decay 0.01,
-            cosine schedule); see ``incontext.refine.persam_f``.
-        attention, semantic: PerSAM's hooks in the first query pass; off by default like the official script.
+        iterations, lr, eps, weight_decay: the fit (official: 1000 AdamW steps, lr 1e-3, eps 1e-4,
+            decay 0.01, cosine schedule); see ``incontext.refine.persam_f``.
+        attention, semantic: PerSAM's hooks in the first query pass; off by default like the
+            official script.
         Others as :class:`PerSAM`.
     """
 
@@ -234,9 +251,18 @@ class PerSAMF(PerSAM):
         retriever: Any = None,
         shots: int = 0,
     ) -> None:
-        super().__init__(sam, mask_grid=mask_grid, foreground_value=foreground_value, attention=attention,
-                         semantic=semantic, guidance=guidance, name=name, device=device,
-                         retriever=retriever, shots=shots)
+        super().__init__(
+            sam,
+            mask_grid=mask_grid,
+            foreground_value=foreground_value,
+            attention=attention,
+            semantic=semantic,
+            guidance=guidance,
+            name=name,
+            device=device,
+            retriever=retriever,
+            shots=shots,
+        )
         if int(iterations) < 1:
             raise InputError(f"iterations: expected a positive count, got {iterations}")
         self.iterations = int(iterations)
@@ -244,13 +270,20 @@ class PerSAMF(PerSAM):
         self.eps = float(eps)
         self.weight_decay = float(weight_decay)
 
-    def training_logits(self, embedding, target_sim: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-        """The fit's input for one reference: (3, H, W) multimask logits prompted by the reference's own
+    def training_logits(
+        self, embedding, target_sim: torch.Tensor
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """The fit's input for one reference: (3, H, W) multimask logits prompted by the reference's
         location-map argmax (no hooks), and that point (1, 2) (x, y)."""
         self.predictor.set_embedding(embedding)
         model = self.predictor.model
-        loc = location_map(target_sim, embedding.features[0], img_size=model.image_encoder.img_size,
-                           input_size=embedding.input_size, original_size=embedding.original_size)
+        loc = location_map(
+            target_sim,
+            embedding.features[0],
+            img_size=model.image_encoder.img_size,
+            input_size=embedding.input_size,
+            original_size=embedding.original_size,
+        )
         point, _ = select_points(loc.full)
         out = decode(self.predictor, points_xy=point, point_labels=np.array([1]), multimask=True)
         return out.high_res(), point
@@ -263,19 +296,34 @@ class PerSAMF(PerSAM):
             targets.append(torch.as_tensor(red > 0).reshape(-1))
             points.append(pt.tolist())
         t0 = time.perf_counter()
-        fit = fit_mask_weights(torch.cat(logits, 1), torch.cat(targets), iterations=self.iterations,
-                               lr=self.lr, eps=self.eps, weight_decay=self.weight_decay)
+        fit = fit_mask_weights(
+            torch.cat(logits, 1),
+            torch.cat(targets),
+            iterations=self.iterations,
+            lr=self.lr,
+            eps=self.eps,
+            weight_decay=self.weight_decay,
+        )
         return {
             "mask_weights": fit.weights,
             "w": fit.w,
-            "fit": {"iterations": self.iterations, "lr": self.lr, "eps": self.eps,
-                    "weight_decay": self.weight_decay, "seconds": time.perf_counter() - t0,
-                    "train_points_xy": points},
+            "fit": {
+                "iterations": self.iterations,
+                "lr": self.lr,
+                "eps": self.eps,
+                "weight_decay": self.weight_decay,
+                "seconds": time.perf_counter() - t0,
+                "train_points_xy": points,
+            },
         }
 
     def _cascade(self, state: State):
         return persam_f_cascade(
-            self.predictor, target_sim=state["target_sim"], mask_weights=state["mask_weights"],
-            target_raw=state["target_raw"], attention=bool(state["attention"]),
-            semantic=bool(state["semantic"]), mode=state["guidance"],
+            self.predictor,
+            target_sim=state["target_sim"],
+            mask_weights=state["mask_weights"],
+            target_raw=state["target_raw"],
+            attention=bool(state["attention"]),
+            semantic=bool(state["semantic"]),
+            mode=state["guidance"],
         )

@@ -1,18 +1,20 @@
 """Run a PerSAM / PerSAM-F parity case end to end from its folder alone.
 
-A case folder (``../shared/parity/README.md`` section 2) holds ``meta.json`` (paths relative to the folder,
-the mask rule, the PerSAM-F iteration count and learning rate, the model files) and ``inputs/``. Expected arrays
-(``*.npz``) are never read here: the runner reproduces what the published scripts did with the same inputs,
+A case folder (``../shared/parity/README.md`` section 2) holds ``meta.json`` (paths relative to the
+folder, the mask rule, the PerSAM-F iteration count and learning rate, the model files) and
+``inputs/``. Expected arrays (``*.npz``) are never read here: the runner reproduces what the
+published scripts did with the same inputs,
 
-- images decoded like ``cv2.imread`` + BGR->RGB (the published code's reader; OpenCV looks at the content, so
-  a mismatched extension does not matter);
-- the reference mask turned into the red channel the published code saw, following ``inputs.mask_rule``:
-  PerSeg palette PNGs are read as RGB and keep their red channel (foreground 128); RGB masks from other sources
-  are binarised ("any channel > 127") and painted (128, 0, 0) as the fixture generator did;
+- images decoded like ``cv2.imread`` + BGR->RGB (the published code's reader; OpenCV looks at the
+  content, so a mismatched extension does not matter);
+- the reference mask turned into the red channel the published code saw, following
+  ``inputs.mask_rule``: PerSeg palette PNGs are read as RGB and keep their red channel (foreground
+  128); RGB masks from other sources are binarised ("any channel > 127") and painted (128, 0, 0) as
+  the fixture generator did;
 
-and runs the library's ``persam`` / ``persam_f`` methods (``incontext.methods.persam``) with the case's tiny SAM
-(built by ``incontext.backbones.sam.sam_from_config_json``). The final mask is written as a 0/255 PNG at the
-query's size.
+and runs the library's ``persam`` / ``persam_f`` methods (``incontext.methods.persam``) with the
+case's tiny SAM (built by ``incontext.backbones.sam.sam_from_config_json``). The final mask is
+written as a 0/255 PNG at the query's size.
 
 Used by ``python -m incontext.parity persam|persam_f <case_dir> --out <mask.png>``.
 """
@@ -30,10 +32,17 @@ import numpy as np
 from incontext.errors import InputError
 from incontext.parity.common import MASK_RULES, apply_mask_rule, case_path, raw_mask_array
 
-__all__ = ["PerSamCase", "load_case", "read_rgb", "reference_red_channel", "run_persam", "run_persam_f"]
+__all__ = [
+    "PerSamCase",
+    "load_case",
+    "read_rgb",
+    "reference_red_channel",
+    "run_persam",
+    "run_persam_f",
+]
 
-# Red value the published pipeline saw for foreground (PerSeg palette colour (128, 0, 0)); the fixture generator
-# paints binarised RGB masks with it too (parity README section 2.1).
+# Red value the published pipeline saw for foreground (PerSeg palette colour (128, 0, 0)); the
+# fixture generator paints binarised RGB masks with it too (parity README section 2.1).
 PERSEG_RED = 128
 
 
@@ -66,10 +75,14 @@ def read_rgb(path: Path, name: str) -> np.ndarray:
     import cv2
 
     if not Path(path).is_file():
-        raise InputError(f"{name}: no file at {path}; the case folder must contain the paths meta.json names")
+        raise InputError(
+            f"{name}: no file at {path}; the case folder must contain the paths meta.json names"
+        )
     bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if bgr is None:
-        raise InputError(f"{name}: OpenCV cannot decode {path}; the file is not an image it can read")
+        raise InputError(
+            f"{name}: OpenCV cannot decode {path}; the file is not an image it can read"
+        )
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
@@ -79,10 +92,11 @@ def reference_red_channel(path: Path, rule: str) -> np.ndarray:
     Args:
         path: the mask file as given in the case.
         rule: ``meta.json -> inputs.mask_rule``. The shared tokens of ``incontext.parity.common``
-            (``palette_index>0``, ``rgb_any>127``) are applied as there; free-text rules naming "any channel > t"
-            or a binarisation (RGB masks, possibly anti-aliased) binarise with that threshold (default 127);
-            in both cases foreground is painted 128 like the fixture generator did. Anything else (PerSeg:
-            "cv2.imread -> RGB, red channel > 0") keeps the decoded red channel as it is.
+            (``palette_index>0``, ``rgb_any>127``) are applied as there; free-text rules naming "any
+            channel > t" or a binarisation (RGB masks, possibly anti-aliased) binarise with that
+            threshold (default 127); in both cases foreground is painted 128 like the fixture
+            generator did. Anything else (PerSeg: "cv2.imread -> RGB, red channel > 0") keeps the
+            decoded red channel as it is.
     """
     text = rule.strip().lower()
     if text in MASK_RULES:
@@ -113,8 +127,14 @@ def load_case(case_dir: str | Path) -> PerSamCase:
     if not meta_path.is_file():
         raise InputError(f"case_dir: no meta.json in {d}; pass a PerSAM parity case folder")
     meta = json.loads(meta_path.read_text())
-    rule = meta.get("inputs", {}).get("mask_rule") or meta.get("ref_mask_encoding") or "red channel > 0"
-    ref_image = read_rgb(case_path(d, _entry(meta, "ref_image"), "reference image"), "reference image")
+    rule = (
+        meta.get("inputs", {}).get("mask_rule")
+        or meta.get("ref_mask_encoding")
+        or "red channel > 0"
+    )
+    ref_image = read_rgb(
+        case_path(d, _entry(meta, "ref_image"), "reference image"), "reference image"
+    )
     query = read_rgb(case_path(d, _entry(meta, "test_image"), "query image"), "query image")
     red = reference_red_channel(case_path(d, _entry(meta, "ref_mask"), "reference mask"), rule)
     if red.shape != ref_image.shape[:2]:
@@ -123,19 +143,32 @@ def load_case(case_dir: str | Path) -> PerSamCase:
             f"{ref_image.shape[1]}x{ref_image.shape[0]}; the published code needs them equal"
         )
     config = case_path(d, meta.get("model_config", "../model/model_config.json"), "model_config")
-    weights = case_path(d, meta["model_weights"], "model_weights") if meta.get("model_weights") else None
+    weights = (
+        case_path(d, meta["model_weights"], "model_weights") if meta.get("model_weights") else None
+    )
     args = meta.get("persam_f_args", {})
-    return PerSamCase(dir=d, meta=meta, ref_image=ref_image, query_image=query, ref_red=red,
-                      model_config=config, model_weights=weights,
-                      train_iterations=int(args.get("train_epoch", 1000)), lr=float(args.get("lr", 1e-3)))
+    return PerSamCase(
+        dir=d,
+        meta=meta,
+        ref_image=ref_image,
+        query_image=query,
+        ref_red=red,
+        model_config=config,
+        model_weights=weights,
+        train_iterations=int(args.get("train_epoch", 1000)),
+        lr=float(args.get("lr", 1e-3)),
+    )
 
 
 def _predictor(case: PerSamCase):
     from incontext.backbones.sam import sam_from_config_json
 
     default = case.model_config.parent / "weights.safetensors"
-    weights = None if case.model_weights is None or case.model_weights.resolve() == default.resolve() \
+    weights = (
+        None
+        if case.model_weights is None or case.model_weights.resolve() == default.resolve()
         else case.model_weights
+    )
     return sam_from_config_json(case.model_config, weights)
 
 
@@ -163,7 +196,7 @@ def _run(method, case: PerSamCase, out: str | Path | None) -> np.ndarray:
 
 
 def run_persam(case_dir: str | Path, out: str | Path | None = None) -> np.ndarray:
-    """PerSAM (``persam.py``) on one case; writes ``out`` (0/255 PNG) and returns the (H, W) bool mask."""
+    """PerSAM (``persam.py``) on one case: writes ``out`` (0/255 PNG), returns the bool mask."""
     from incontext.methods.persam import PerSAM
 
     case = load_case(case_dir)
@@ -171,7 +204,7 @@ def run_persam(case_dir: str | Path, out: str | Path | None = None) -> np.ndarra
 
 
 def run_persam_f(case_dir: str | Path, out: str | Path | None = None) -> np.ndarray:
-    """PerSAM-F (``persam_f.py``, the case's iteration count and lr); writes ``out``, returns the mask."""
+    """PerSAM-F (``persam_f.py``, the case's iterations and lr): writes ``out``, returns it."""
     from incontext.methods.persam import PerSAMF
 
     case = load_case(case_dir)

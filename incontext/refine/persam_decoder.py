@@ -1,29 +1,34 @@
-"""PerSAM's guided SAM decoding: target-guided attention, target-semantic prompting and the cascades.
+"""PerSAM's guided SAM decoding: target-guided attention, target-semantic prompting, cascades.
 
-The official code (ZrrSkywalker/Personalize-SAM @ a7e87245) ships a fork of segment-anything whose two-way
-transformer takes two extra arguments. Here the PyPI ``segment_anything`` modules are used unchanged and the two
-behaviours are added for the duration of one decoder call by :func:`persam_guidance`, which installs three
-documented, temporary hooks on an existing ``MaskDecoder`` and removes them on exit:
+The official code (ZrrSkywalker/Personalize-SAM @ a7e87245) ships a fork of segment-anything whose
+two-way transformer takes two extra arguments. Here the PyPI ``segment_anything`` modules are used
+unchanged and the two behaviours are added for the duration of one decoder call by
+:func:`persam_guidance`, which installs three documented, temporary hooks on an existing
+``MaskDecoder`` and removes them on exit:
 
-1. **semantic prompt** -- a forward pre-hook on each ``TwoWayAttentionBlock`` adds the target embedding ``t``
-   *in place* to the block's ``queries``. Upstream passes the token tensor itself as the first block's
-   ``queries`` *and* as every block's ``query_pe``, so the in-place add also shifts the query positional
-   encoding, exactly like the fork's ``queries += target_embedding`` (reference note section 5).
-2. **final add** (``mode="official"`` only) -- a forward pre-hook on ``final_attn_token_to_image`` adds ``t``
-   to its query once more; with the aliasing above, ``t`` enters the final query twice, as in the fork.
+1. **semantic prompt** -- a forward pre-hook on each ``TwoWayAttentionBlock`` adds the target
+   embedding ``t`` *in place* to the block's ``queries``. Upstream passes the token tensor itself as
+   the first block's ``queries`` *and* as every block's ``query_pe``, so the in-place add also
+   shifts the query positional encoding, exactly like the fork's ``queries += target_embedding``
+   (reference note section 5).
+2. **final add** (``mode="official"`` only) -- a forward pre-hook on ``final_attn_token_to_image``
+   adds ``t`` to its query once more; with the aliasing above, ``t`` enters the final query twice,
+   as in the fork.
 3. **target-guided attention** -- the ``cross_attn_token_to_image`` attention of each block runs
    :func:`_guided_attention` (the module's own projections; only the attention weights change):
-   ``official``: ``softmax(softmax(QK^T / sqrt(d)) + bias)`` (bias added to probabilities, re-normalised);
-   ``hf``: ``softmax(QK^T / sqrt(d) + bias)`` (Hugging Face ``SamModel`` semantics, which also skips hook 2).
-   Hook 3 is a per-instance ``forward`` override because upstream's ``Attention.forward`` has no seam
-   between its softmax and the value product; the class and every other instance are untouched.
+   ``official``: ``softmax(softmax(QK^T / sqrt(d)) + bias)`` (bias added to probabilities,
+   re-normalised); ``hf``: ``softmax(QK^T / sqrt(d) + bias)`` (Hugging Face ``SamModel`` semantics,
+   which also skips hook 2). Hook 3 is a per-instance ``forward`` override because upstream's
+   ``Attention.forward`` has no seam between its softmax and the value product; the class and every
+   other instance are untouched.
 
-With no bias and no target embedding nothing is installed and the call is upstream SAM's, bit for bit.
-The hooks mutate the decoder for the duration of the ``with`` block: do not share one decoder between
-threads while a guided call runs.
+With no bias and no target embedding nothing is installed and the call is upstream SAM's, bit for
+bit. The hooks mutate the decoder for the duration of the ``with`` block: do not share one decoder
+between threads while a guided call runs.
 
-Frames: points and boxes are in original pixels ``(x, y)``; ``low_res`` logits are SAM's 256 x 256 mask frame
-(padded input / 4); ``high_res`` logits are at the original image size (SAM's mask post-processing).
+Frames: points and boxes are in original pixels ``(x, y)``; ``low_res`` logits are in SAM's
+256 x 256 mask frame (padded input / 4); ``high_res`` logits are at the original image size (SAM's
+mask post-processing).
 """
 
 from __future__ import annotations
@@ -89,7 +94,7 @@ def persam_guidance(
     target_embedding: torch.Tensor | None = None,
     mode: str = "official",
 ) -> Iterator[MaskDecoder]:
-    """Temporarily add PerSAM's guidance (the three hooks of the module docstring) to a ``MaskDecoder``.
+    """Temporarily add PerSAM's guidance (the three hooks of the module docstring) to a decoder.
 
     Args:
         mask_decoder: ``sam.mask_decoder`` (PyPI ``segment_anything`` classes).
@@ -124,8 +129,11 @@ def persam_guidance(
                         return args, kwargs
                     return (args[0] + t,) + tuple(args[1:]), kwargs
 
-                handles.append(transformer.final_attn_token_to_image.register_forward_pre_hook(
-                    add_to_final_query, with_kwargs=True))
+                handles.append(
+                    transformer.final_attn_token_to_image.register_forward_pre_hook(
+                        add_to_final_query, with_kwargs=True
+                    )
+                )
         if attn_sim is not None:
             for layer in transformer.layers:
                 attn = layer.cross_attn_token_to_image
@@ -159,27 +167,37 @@ class DecoderOutput:
     def high_res(self, index: int | slice = slice(None)) -> torch.Tensor:
         """Logits at the original size (mask = logits > 0): (H, W) for an int index, else (k, H, W).
 
-        Only the requested outputs are upsampled (each channel is resampled independently, so this equals
-        slicing SAM's full post-processing up to float rounding, ~1e-7).
+        Only the requested outputs are upsampled (each channel is resampled independently, so this
+        equals slicing SAM's full post-processing up to float rounding, ~1e-7).
         """
         img_size, input_size, original_size = self.frames
         low = self.low_res[index]
         single = low.ndim == 2
-        full = upsample_to_original(low.reshape(1, -1, *low.shape[-2:]), img_size=img_size,
-                                    input_size=input_size, original_size=original_size)[0]
+        full = upsample_to_original(
+            low.reshape(1, -1, *low.shape[-2:]),
+            img_size=img_size,
+            input_size=input_size,
+            original_size=original_size,
+        )[0]
         return full[0] if single else full
 
 
-def guided_decoder(mask_decoder: MaskDecoder, *, attn_sim: torch.Tensor | None = None,
-                   target_embedding: torch.Tensor | None = None, mode: str = "official"):
-    """A drop-in for ``mask_decoder`` (same call signature) that runs it under :func:`persam_guidance`.
+def guided_decoder(
+    mask_decoder: MaskDecoder,
+    *,
+    attn_sim: torch.Tensor | None = None,
+    target_embedding: torch.Tensor | None = None,
+    mode: str = "official",
+):
+    """A drop-in for ``mask_decoder`` (same signature) that runs it under :func:`persam_guidance`.
 
     Also usable as ``decoder=`` of ``BatchedSamPredictor.decode`` (the backbones' decoder hook).
     """
 
     def run(**kwargs):
-        with persam_guidance(mask_decoder, attn_sim=attn_sim, target_embedding=target_embedding,
-                             mode=mode) as dec:
+        with persam_guidance(
+            mask_decoder, attn_sim=attn_sim, target_embedding=target_embedding, mode=mode
+        ) as dec:
             return dec(**kwargs)
 
     return run
@@ -197,13 +215,15 @@ def decode(
     target_embedding: torch.Tensor | None = None,
     mode: str = "official",
 ) -> DecoderOutput:
-    """Prompt SAM's decoder once on the predictor's current image, like ``SamPredictor.predict`` (one prompt
-    set, float32 input-frame coordinates), with PerSAM's optional hooks. Post-processing to the original
-    size is left to :meth:`DecoderOutput.high_res`, for the outputs actually used.
+    """Prompt SAM's decoder once on the predictor's current image like ``SamPredictor.predict`` (one
+    set, float32 input-frame coordinates), with PerSAM's optional hooks. Post-processing to the
+    original size is left to :meth:`DecoderOutput.high_res`, for the outputs actually used.
 
     Args:
-        predictor: backbones' ``BatchedSamPredictor`` with the image set (``set_image``/``set_embedding``).
-        points_xy: (n, 2) points, (x, y) original pixels; point_labels: (n,) 1 = positive, 0 = negative.
+        predictor: backbones' ``BatchedSamPredictor`` with the image set
+            (``set_image``/``set_embedding``).
+        points_xy: (n, 2) points, (x, y) original pixels; point_labels: (n,) 1 = positive, 0 =
+            negative.
         box_xyxy: (4,) box (x0, y0, x1, y1) in original pixels, or None.
         mask_input: (1, 256, 256) low-res logits from a previous call, or None.
         multimask: return the 3 multimask outputs (else the single-output token).
@@ -231,7 +251,11 @@ def decode(
             dense_prompt_embeddings=dense,
             multimask_output=multimask,
         )
-    frames = (predictor.model.image_encoder.img_size, tuple(emb.input_size), tuple(emb.original_size))
+    frames = (
+        predictor.model.image_encoder.img_size,
+        tuple(emb.input_size),
+        tuple(emb.original_size),
+    )
     return DecoderOutput(low_res=low_res[0], iou=iou[0], frames=frames)
 
 
@@ -290,9 +314,13 @@ def _argmax(iou: torch.Tensor) -> int:
 
 def _frame(predictor: BatchedSamPredictor) -> dict:
     emb = predictor.current_embedding()
-    return dict(features=emb.features[0], img_size=predictor.model.image_encoder.img_size,
-                input_size=emb.input_size, original_size=emb.original_size,
-                threshold=predictor.model.mask_threshold)
+    return dict(
+        features=emb.features[0],
+        img_size=predictor.model.image_encoder.img_size,
+        input_size=emb.input_size,
+        original_size=emb.original_size,
+        threshold=predictor.model.mask_threshold,
+    )
 
 
 def persam_cascade(
@@ -305,22 +333,29 @@ def persam_cascade(
     mode: str = "official",
     keep_passes: bool = False,
 ) -> CascadeResult:
-    """Training-free PerSAM on the predictor's current image (``persam.py``, reference note sections 3-6).
+    """Training-free PerSAM on the predictor's current image (``persam.py``, reference note §3-6).
 
-    Location map -> positive/negative point -> pass 1: both hooks, single output -> pass 2: same points with
-    pass 1's low-res logits as mask input, multimask, no hooks, argmax IoU -> pass 3: points + box of pass 2's
-    mask + its low-res logits, multimask, argmax IoU.
+    Location map -> positive/negative point -> pass 1: both hooks, single output -> pass 2: same
+    points with pass 1's low-res logits as mask input, multimask, no hooks, argmax IoU -> pass 3:
+    points + box of pass 2's mask + its low-res logits, multimask, argmax IoU.
 
     Args:
-        predictor: ``BatchedSamPredictor`` with the image set (its features are the location map's input).
-        target_sim: (C,) unit target vector; target_raw: (C,) un-normalised mean feature (semantic prompt).
+        predictor: ``BatchedSamPredictor`` with the image set (its features are the location map's
+            input).
+        target_sim: (C,) unit target vector; target_raw: (C,) un-normalised mean feature (semantic
+            prompt).
         attention, semantic: use target-guided attention / target-semantic prompting in pass 1.
         mode: hook semantics, ``"official"`` or ``"hf"``.
         keep_passes: keep every pass's inputs and outputs in ``passes``.
     """
     f = _frame(predictor)
-    loc = location_map(target_sim, f["features"], img_size=f["img_size"], input_size=f["input_size"],
-                       original_size=f["original_size"])
+    loc = location_map(
+        target_sim,
+        f["features"],
+        img_size=f["img_size"],
+        input_size=f["input_size"],
+        original_size=f["original_size"],
+    )
     pos, neg = select_points(loc.full)
     points = np.concatenate([pos, neg], axis=0)
     labels = np.array([1, 0], dtype=np.int64)
@@ -329,27 +364,54 @@ def persam_cascade(
     passes: list[PassRecord] = []
     extras: dict = {}
 
-    out1 = decode(predictor, points_xy=points, point_labels=labels, multimask=False, attn_sim=bias,
-                  target_embedding=t, mode=mode)
+    out1 = decode(
+        predictor,
+        points_xy=points,
+        point_labels=labels,
+        multimask=False,
+        attn_sim=bias,
+        target_embedding=t,
+        mode=mode,
+    )
     if keep_passes:
         passes.append(PassRecord(points, labels, None, False, out1, 0))
-    out2 = decode(predictor, points_xy=points, point_labels=labels, mask_input=out1.low_res[0:1],
-                  multimask=True)
+    out2 = decode(
+        predictor,
+        points_xy=points,
+        point_labels=labels,
+        mask_input=out1.low_res[0:1],
+        multimask=True,
+    )
     best2 = _argmax(out2.iou)
     if keep_passes:
         passes.append(PassRecord(points, labels, None, True, out2, best2))
     box = box_from_mask(out2.high_res(best2) > f["threshold"])
     if box is None:
-        extras["empty_intermediate_mask"] = "pass2"  # the official script raises here; we drop the box
-    out3 = decode(predictor, points_xy=points, point_labels=labels, box_xyxy=box,
-                  mask_input=out2.low_res[best2:best2 + 1], multimask=True)
+        extras["empty_intermediate_mask"] = (
+            "pass2"  # the official script raises here; we drop the box
+        )
+    out3 = decode(
+        predictor,
+        points_xy=points,
+        point_labels=labels,
+        box_xyxy=box,
+        mask_input=out2.low_res[best2 : best2 + 1],
+        multimask=True,
+    )
     best3 = _argmax(out3.iou)
     if keep_passes:
         passes.append(PassRecord(points, labels, box, True, out3, best3))
     logits = out3.high_res(best3)
-    return CascadeResult(logits=logits, mask=logits > f["threshold"], score=float(out3.iou[best3]),
-                         points_xy=points, point_labels=labels, location=loc, passes=passes,
-                         extras=extras)
+    return CascadeResult(
+        logits=logits,
+        mask=logits > f["threshold"],
+        score=float(out3.iou[best3]),
+        points_xy=points,
+        point_labels=labels,
+        location=loc,
+        passes=passes,
+        extras=extras,
+    )
 
 
 def persam_f_cascade(
@@ -363,21 +425,28 @@ def persam_f_cascade(
     mode: str = "official",
     keep_passes: bool = False,
 ) -> CascadeResult:
-    """PerSAM-F inference on the predictor's current image (``persam_f.py`` test loop, reference section 7).
+    """PerSAM-F inference on the predictor's current image (``persam_f.py`` test loop, note §7).
 
     Positive point only -> pass 1: multimask, no hooks (official); the three outputs are mixed with
-    ``mask_weights`` (original-size logits > 0 give the box, low-res logits the mask input) -> pass 2: point +
-    box + mixed low-res logits, argmax IoU -> pass 3: point + box of pass 2's mask + its logits, argmax IoU.
+    ``mask_weights`` (original-size logits > 0 give the box, low-res logits the mask input) -> pass
+    2: point + box + mixed low-res logits, argmax IoU -> pass 3: point + box of pass 2's mask + its
+    logits, argmax IoU.
 
     Args:
-        target_sim: (C,) unit target vector ((max + mean) / 2 variant); mask_weights: (3,) fitted weights.
-        target_raw, attention, semantic: optional PerSAM hooks in pass 1 (off in the official script; issue
-            #42 of the official repository reports they made PerSAM-F worse).
+        target_sim: (C,) unit target vector ((max + mean) / 2 variant); mask_weights: (3,) fitted
+            weights.
+        target_raw, attention, semantic: optional PerSAM hooks in pass 1 (off in the official
+            script; issue #42 of the official repository reports they made PerSAM-F worse).
         Others as :func:`persam_cascade`.
     """
     f = _frame(predictor)
-    loc = location_map(target_sim, f["features"], img_size=f["img_size"], input_size=f["input_size"],
-                       original_size=f["original_size"])
+    loc = location_map(
+        target_sim,
+        f["features"],
+        img_size=f["img_size"],
+        input_size=f["input_size"],
+        original_size=f["original_size"],
+    )
     points, _ = select_points(loc.full)
     labels = np.array([1], dtype=np.int64)
     bias = attention_bias(loc.full, tuple(f["features"].shape[-2:])) if attention else None
@@ -385,8 +454,15 @@ def persam_f_cascade(
     passes: list[PassRecord] = []
     extras: dict = {}
 
-    out1 = decode(predictor, points_xy=points, point_labels=labels, multimask=True, attn_sim=bias,
-                  target_embedding=t, mode=mode)
+    out1 = decode(
+        predictor,
+        points_xy=points,
+        point_labels=labels,
+        multimask=True,
+        attn_sim=bias,
+        target_embedding=t,
+        mode=mode,
+    )
     if keep_passes:
         passes.append(PassRecord(points, labels, None, True, out1, -1))
     weights = mask_weights.to(out1.low_res)
@@ -397,21 +473,42 @@ def persam_f_cascade(
         extras["pass1_weighted_logit_lowres"] = mixed_low
     box = box_from_mask(mixed_mask)
     if box is None:
-        extras["empty_intermediate_mask"] = "pass1"  # the official script raises here; we drop the box
-    out2 = decode(predictor, points_xy=points, point_labels=labels, box_xyxy=box,
-                  mask_input=mixed_low[None], multimask=True)
+        extras["empty_intermediate_mask"] = (
+            "pass1"  # the official script raises here; we drop the box
+        )
+    out2 = decode(
+        predictor,
+        points_xy=points,
+        point_labels=labels,
+        box_xyxy=box,
+        mask_input=mixed_low[None],
+        multimask=True,
+    )
     best2 = _argmax(out2.iou)
     if keep_passes:
         passes.append(PassRecord(points, labels, box, True, out2, best2))
     box = box_from_mask(out2.high_res(best2) > f["threshold"])
     if box is None:
         extras["empty_intermediate_mask"] = "pass2"
-    out3 = decode(predictor, points_xy=points, point_labels=labels, box_xyxy=box,
-                  mask_input=out2.low_res[best2:best2 + 1], multimask=True)
+    out3 = decode(
+        predictor,
+        points_xy=points,
+        point_labels=labels,
+        box_xyxy=box,
+        mask_input=out2.low_res[best2 : best2 + 1],
+        multimask=True,
+    )
     best3 = _argmax(out3.iou)
     if keep_passes:
         passes.append(PassRecord(points, labels, box, True, out3, best3))
     logits = out3.high_res(best3)
-    return CascadeResult(logits=logits, mask=logits > f["threshold"], score=float(out3.iou[best3]),
-                         points_xy=points, point_labels=labels, location=loc, passes=passes,
-                         extras=extras)
+    return CascadeResult(
+        logits=logits,
+        mask=logits > f["threshold"],
+        score=float(out3.iou[best3]),
+        points_xy=points,
+        point_labels=labels,
+        location=loc,
+        passes=passes,
+        extras=extras,
+    )

@@ -24,10 +24,19 @@ def predictor():
 
 
 def _prompts(pred):
-    sparse, dense = pred.prompt_embeddings(torch.tensor([[[100.0, 80.0], [30.0, 150.0]]]),
-                                           torch.tensor([[1, 0]], dtype=torch.int), None, None)
-    return dict(image_embeddings=pred.features, image_pe=pred.model.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True)
+    sparse, dense = pred.prompt_embeddings(
+        torch.tensor([[[100.0, 80.0], [30.0, 150.0]]]),
+        torch.tensor([[1, 0]], dtype=torch.int),
+        None,
+        None,
+    )
+    return dict(
+        image_embeddings=pred.features,
+        image_pe=pred.model.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=True,
+    )
 
 
 def _decoder_state(decoder):
@@ -59,7 +68,7 @@ def test_no_hooks_is_upstream_and_hooks_are_removed(predictor):
 @torch.inference_mode()
 @pytest.mark.parametrize("mode", ["official", "hf"])
 def test_guided_attention_formula(predictor, mode):
-    """Only the token->image attention changes: official re-softmaxes probabilities + bias, hf adds the bias
+    """Only the token->image attention changes: official re-softmaxes probabilities + bias, hf adds
     to the logits."""
     layer = predictor.model.mask_decoder.transformer.layers[0]
     attn = layer.cross_attn_token_to_image
@@ -70,20 +79,25 @@ def test_guided_attention_formula(predictor, mode):
     kh = attn._separate_heads(attn.k_proj(k), attn.num_heads)
     vh = attn._separate_heads(attn.v_proj(k), attn.num_heads)
     logits = qh @ kh.transpose(-1, -2) / math.sqrt(qh.shape[-1])
-    w = torch.softmax(torch.softmax(logits, -1) + bias, -1) if mode == "official" \
+    w = (
+        torch.softmax(torch.softmax(logits, -1) + bias, -1)
+        if mode == "official"
         else torch.softmax(logits + bias, -1)
+    )
     expected = attn.out_proj(attn._recombine_heads(w @ vh))
     with persam_guidance(predictor.model.mask_decoder, attn_sim=bias, mode=mode):
         got = attn(q=q, k=k, v=k)
         untouched = layer.self_attn(q=q, k=q, v=q)
     torch.testing.assert_close(got, expected)
     assert not torch.allclose(got, attn(q=q, k=k, v=k))  # restored afterwards
-    torch.testing.assert_close(untouched, layer.self_attn(q=q, k=q, v=q))  # other attentions untouched
+    torch.testing.assert_close(
+        untouched, layer.self_attn(q=q, k=q, v=q)
+    )  # other attentions untouched
 
 
 @torch.inference_mode()
 def test_semantic_prompt_enters_final_query_twice_in_official_mode(predictor):
-    """Record the final token->image attention's query: official = out2 + (tokens + t) + t, hf = one t less."""
+    """Final token->image attention query: official = out2 + (tokens + t) + t, hf one t less."""
     dec = predictor.model.mask_decoder
     seen = {}
 
@@ -95,31 +109,42 @@ def test_semantic_prompt_enters_final_query_twice_in_official_mode(predictor):
     for mode in ("official", "hf"):
         with persam_guidance(dec, target_embedding=t, mode=mode):
             # registered after the guidance hooks, so it sees the query they produce
-            handle = dec.transformer.final_attn_token_to_image.register_forward_pre_hook(grab, with_kwargs=True)
+            handle = dec.transformer.final_attn_token_to_image.register_forward_pre_hook(
+                grab, with_kwargs=True
+            )
             try:
                 dec(**_prompts(predictor))
             finally:
                 handle.remove()
         qs[mode] = seen["q"]
-    # both modes add t before each block (so block outputs agree); official adds t once more at the end
+    # both modes add t before each block (so block outputs agree); official adds t once more at the
+    # end
     torch.testing.assert_close(qs["official"] - qs["hf"], t.expand_as(qs["hf"]))
 
 
 @torch.inference_mode()
 def test_decode_matches_segment_anything_predict(predictor):
-    """Without hooks, ``decode`` is SamPredictor.predict's computation (points, box and mask input)."""
-    pts, labels, box = np.array([[100, 80], [30, 150]]), np.array([1, 0]), np.array([20, 10, 250, 180])
+    """Without hooks, ``decode`` is SamPredictor.predict's computation (points, box, mask input)."""
+    pts, labels, box = (
+        np.array([[100, 80], [30, 150]]),
+        np.array([1, 0]),
+        np.array([20, 10, 250, 180]),
+    )
     out = decode(predictor, points_xy=pts, point_labels=labels, box_xyxy=box, multimask=True)
-    masks, iou, low = predictor.predict(point_coords=pts, point_labels=labels, box=box, multimask_output=True,
-                                        return_logits=True)
+    masks, iou, low = predictor.predict(
+        point_coords=pts, point_labels=labels, box=box, multimask_output=True, return_logits=True
+    )
     np.testing.assert_array_equal(out.low_res.numpy(), low)
     np.testing.assert_array_equal(out.iou.numpy(), iou)
     np.testing.assert_array_equal(out.high_res().numpy(), masks)  # return_logits: un-thresholded
     # one channel upsampled alone: the same up to float rounding of the vectorised interpolation
     np.testing.assert_allclose(out.high_res(1).numpy(), masks[1], atol=1e-6)
-    again = decode(predictor, points_xy=pts, point_labels=labels, mask_input=out.low_res[1:2], multimask=False)
-    _, iou2, low2 = predictor.predict(point_coords=pts, point_labels=labels, mask_input=low[1:2],
-                                      multimask_output=False)
+    again = decode(
+        predictor, points_xy=pts, point_labels=labels, mask_input=out.low_res[1:2], multimask=False
+    )
+    _, iou2, low2 = predictor.predict(
+        point_coords=pts, point_labels=labels, mask_input=low[1:2], multimask_output=False
+    )
     np.testing.assert_array_equal(again.low_res.numpy(), low2)
     np.testing.assert_array_equal(again.iou.numpy(), iou2)
 
@@ -129,7 +154,9 @@ def test_box_from_mask_and_bad_mode(predictor):
     assert box_from_mask(m) is None
     m[2:5, 3] = True
     m[7, 9] = True
-    np.testing.assert_array_equal(box_from_mask(m), [3, 2, 9, 7])  # inclusive extents, (x0, y0, x1, y1)
+    np.testing.assert_array_equal(
+        box_from_mask(m), [3, 2, 9, 7]
+    )  # inclusive extents, (x0, y0, x1, y1)
     with pytest.raises(InputError, match="guidance mode"):
         with persam_guidance(predictor.model.mask_decoder, mode="fork"):
             pass

@@ -22,7 +22,9 @@ def _problem(h=40, w=56, seed=0, scale=3.0):
     yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     target = ((yy - h / 2) ** 2 + (xx - w / 3) ** 2) < (min(h, w) / 3) ** 2
     base = torch.where(target, 1.0, -1.0)
-    logits = torch.stack([base * s + torch.randn(h, w, generator=g) * scale for s in (0.2, 1.0, 2.0)])
+    logits = torch.stack(
+        [base * s + torch.randn(h, w, generator=g) * scale for s in (0.2, 1.0, 2.0)]
+    )
     return logits, target
 
 
@@ -48,7 +50,9 @@ def test_official_defaults_and_schedule():
     np.testing.assert_allclose(fit.history["w_used"][0], [1 / 3, 1 / 3], atol=1e-7)
     # cosine annealing over T iterations, stepped each iteration, from lr 1e-3
     t = np.arange(10)
-    np.testing.assert_allclose(fit.history["lr"], 1e-3 * (1 + np.cos(np.pi * t / 10)) / 2, rtol=1e-6)
+    np.testing.assert_allclose(
+        fit.history["lr"], 1e-3 * (1 + np.cos(np.pi * t / 10)) / 2, rtol=1e-6
+    )
 
 
 def test_loss_functions_match_hand_computation():
@@ -66,7 +70,9 @@ def test_loss_functions_match_hand_computation():
 def test_mix_logits_is_the_weighted_sum():
     logits = torch.randn(3, 5, 7)
     w = torch.tensor([0.2, -0.5, 1.3])
-    torch.testing.assert_close(mix_logits(logits, w), 0.2 * logits[0] - 0.5 * logits[1] + 1.3 * logits[2])
+    torch.testing.assert_close(
+        mix_logits(logits, w), 0.2 * logits[0] - 0.5 * logits[1] + 1.3 * logits[2]
+    )
 
 
 def test_fit_works_inside_inference_mode():

@@ -1,4 +1,4 @@
-"""method=persam / persam_f (incontext/methods/persam.py): concepts, saving, sharing the query encoding."""
+"""method=persam / persam_f (incontext/methods/persam.py): concepts, saving, sharing encodings."""
 
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ ITER = 30  # PerSAM-F iterations in these tests (official: 1000)
 
 
 def _make(kind: str, seed: int = 0):
-    return PerSAM(small_sam(seed)) if kind == "persam" else PerSAMF(small_sam(seed), iterations=ITER)
+    return (
+        PerSAM(small_sam(seed)) if kind == "persam" else PerSAMF(small_sam(seed), iterations=ITER)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,11 @@ def test_prepare_and_segment(kind, images):
     assert pred.mask.shape == images["q1"].shape[:2] and pred.mask.dtype == np.uint8
     assert set(np.unique(pred.mask)) <= {0, 1}
     prob = pred.scores[1]
-    assert prob.shape == pred.mask.shape and prob.dtype == np.float32 and 0 <= prob.min() <= prob.max() <= 1
+    assert (
+        prob.shape == pred.mask.shape
+        and prob.dtype == np.float32
+        and 0 <= prob.min() <= prob.max() <= 1
+    )
     np.testing.assert_array_equal(pred.mask == 1, prob > 0.5)
     assert len(pred.extras["points_xy"]) == (2 if kind == "persam" else 1)
     assert len(pred.instances) == 1 and pred.instances[0].mask.shape == pred.mask.shape
@@ -81,7 +87,9 @@ def test_saved_concepts_give_identical_masks_in_another_process(images, tmp_path
     for kind in ("persam", "persam_f"):
         m = _make(kind)
         path = m.prepare([images["support"]]).save(tmp_path / f"{kind}.safetensors")
-        expected[kind] = [p.mask for p in m.segment_many([images["q1"], images["q2"]], Context.load(path))]
+        expected[kind] = [
+            p.mask for p in m.segment_many([images["q1"], images["q2"]], Context.load(path))
+        ]
     np.save(tmp_path / "q1.npy", images["q1"])
     np.save(tmp_path / "q2.npy", images["q2"])
     script = textwrap.dedent(f"""
@@ -173,9 +181,17 @@ def test_registry_builds_the_method_with_another_backbone(name, images):
 
     node = compose_method(name)
     assert node.sam._target_ == "incontext.backbones.sam.build_sam" and node.sam.name == "sam_vit_h"
-    m = build(name, **{"sam.name": "sam_tiny", "sam.arch": SMALL_SAM_ARCH, "sam.weights": "random",
-                       "iterations": ITER} if name == "persam_f" else
-              {"sam.name": "sam_tiny", "sam.arch": SMALL_SAM_ARCH, "sam.weights": "random"})
+    m = build(
+        name,
+        **{
+            "sam.name": "sam_tiny",
+            "sam.arch": SMALL_SAM_ARCH,
+            "sam.weights": "random",
+            "iterations": ITER,
+        }
+        if name == "persam_f"
+        else {"sam.name": "sam_tiny", "sam.arch": SMALL_SAM_ARCH, "sam.weights": "random"},
+    )
     assert isinstance(m, PerSAMF if name == "persam_f" else PerSAM)
     pred = m.segment(images["q1"], [images["support"]])
     assert pred.mask.shape == images["q1"].shape[:2]

@@ -1,4 +1,5 @@
-"""The PerSAM parity runner's input reading (incontext/parity/persam.py): mask rules, mismatched extensions,
+"""The PerSAM parity runner's input reading (incontext/parity/persam.py): mask rules, mismatched
+extensions,
 clear errors. The fixture comparisons themselves are in tests/test_parity_persam.py."""
 
 from __future__ import annotations
@@ -21,16 +22,22 @@ def _mask_files(tmp_path):
     palette.save(tmp_path / "perseg.png")
     rgb = np.zeros(m.shape + (3,), np.uint8)
     rgb[m > 0] = (255, 255, 255)
-    Image.fromarray(rgb).filter(ImageFilter.GaussianBlur(1.5)).save(tmp_path / "aa.png")  # anti-aliased
+    Image.fromarray(rgb).filter(ImageFilter.GaussianBlur(1.5)).save(
+        tmp_path / "aa.png"
+    )  # anti-aliased
     return m > 0
 
 
 def test_mask_rules(tmp_path):
     fg = _mask_files(tmp_path)
-    perseg = reference_red_channel(tmp_path / "perseg.png", "PerSeg palette PNG: cv2.imread -> RGB, red channel > 0")
+    perseg = reference_red_channel(
+        tmp_path / "perseg.png", "PerSeg palette PNG: cv2.imread -> RGB, red channel > 0"
+    )
     assert set(np.unique(perseg)) == {0, 128}
     np.testing.assert_array_equal(perseg > 0, fg)
-    np.testing.assert_array_equal(reference_red_channel(tmp_path / "perseg.png", "palette_index>0"), perseg)
+    np.testing.assert_array_equal(
+        reference_red_channel(tmp_path / "perseg.png", "palette_index>0"), perseg
+    )
     aa_raw = np.asarray(Image.open(tmp_path / "aa.png"))
     assert len(np.unique(aa_raw)) > 10  # really anti-aliased
     for rule in ("rgb_any>127", "RGB mask binarised: any channel > 127, written as (128,0,0)"):
@@ -50,6 +57,8 @@ def test_extension_does_not_matter_and_errors_are_clear(tmp_path):
         read_rgb(tmp_path / "broken.jpg", "query image")
     with pytest.raises(InputError, match="no meta.json"):
         load_case(tmp_path)
-    (tmp_path / "meta.json").write_text(json.dumps({"inputs": {"ref_image": {"file": "inputs/missing.jpg"}}}))
+    (tmp_path / "meta.json").write_text(
+        json.dumps({"inputs": {"ref_image": {"file": "inputs/missing.jpg"}}})
+    )
     with pytest.raises(InputError, match="does not exist"):
         load_case(tmp_path)
