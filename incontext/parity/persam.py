@@ -142,7 +142,10 @@ def load_case(case_dir: str | Path) -> PerSamCase:
             f"reference mask: {red.shape[1]}x{red.shape[0]} but its image is "
             f"{ref_image.shape[1]}x{ref_image.shape[0]}; the published code needs them equal"
         )
-    config = case_path(d, meta.get("model_config", "../model/model_config.json"), "model_config")
+    model_dir = meta.get("model_dir", "../model")
+    config = case_path(
+        d, meta.get("model_config") or f"{model_dir}/model_config.json", "model_config"
+    )
     weights = (
         case_path(d, meta["model_weights"], "model_weights") if meta.get("model_weights") else None
     )
