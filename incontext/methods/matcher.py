@@ -147,7 +147,7 @@ class Matcher(Segmenter):
         sel_stability_score_thresh: float = 0.0,
         box_nms_thresh: float = 1.0,
         seed: int = 0,
-        decode_chunk: int = 8,
+        decode_chunk: int = 4,
         emd_workers: int = 2,
         dinov2_attention: str = "official",
         name: str = "matcher",

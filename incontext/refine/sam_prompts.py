@@ -223,7 +223,7 @@ class DecodeSettings:
     stability_offset: float = 1.0
     box_nms_thresh: float = 1.0
     points_per_batch: int = 64
-    decode_chunk: int = 8
+    decode_chunk: int = 4
     share_image_work: bool = True
 
 
