@@ -1,6 +1,6 @@
 """Training curve of a ``train.py experiment=diffusion_tiny`` run as a PNG (OpenCV drawing; no plotting library).
 
-    python benchmarks/diffusion_curve.py runs/diffusion_tiny checkpoints/diffusion_tiny/training_curve.png
+    python benchmarks/diffusion_curve.py runs/diffusion_tiny weights/diffusion_tiny/training_curve.png
 
 Left: training loss (BCE + Dice + prior BCE, mean over each logging window) and the auxiliary prior BCE.
 Middle: IoU of the one-step (t = 1) predictions on the training batches. Right: held-out mIoU (novel test

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import torch
 
 from incontext.backbones.sam import BatchedSamPredictor, _registry_key, build_sam
-from incontext.backbones.weights import find, search_dirs
+from incontext.backbones.weights import find, search_dirs, shipped
 from incontext.errors import InputError, WeightsNotFoundError
 
 __all__ = ["SHIPPED_NAME", "shipped_dir", "load_sam_folder", "build_shipped_sam", "build_default_sam",
@@ -34,10 +34,7 @@ _announced: set[str] = set()
 
 def shipped_dir() -> Path | None:
     """The first ``sam_tiny_synthetic`` folder in the weights search places (project ``weights/`` included)."""
-    for d in search_dirs():
-        if (d / SHIPPED_NAME / "model.safetensors").is_file() and (d / SHIPPED_NAME / "config.json").is_file():
-            return d / SHIPPED_NAME
-    return None
+    return shipped(SHIPPED_NAME, search_dirs())
 
 
 def load_sam_folder(folder: str | os.PathLike, *, device: str | torch.device = "cpu",

@@ -139,6 +139,19 @@ def search_dirs() -> list[Path]:
     return out
 
 
+def shipped(name: str, dirs: list[Path] | None = None) -> Path | None:
+    """The first ``<dir>/<name>`` folder holding ``config.json`` + ``model.safetensors`` in :func:`search_dirs`.
+
+    The project ships the checkpoints it trains itself (``weights/sam_tiny_synthetic``, ``weights/painter_tiny``,
+    ``weights/diffusion_tiny``, ``weights/vrp_tiny``) in this layout; a user copy in an earlier search place wins.
+    ``dirs`` replaces the search places (tests).
+    """
+    for d in search_dirs() if dirs is None else dirs:
+        if (d / name / "model.safetensors").is_file() and (d / name / "config.json").is_file():
+            return d / name
+    return None
+
+
 def _hf_cache_dir(repo: str) -> Path | None:
     try:
         from huggingface_hub import snapshot_download

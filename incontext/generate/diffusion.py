@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from incontext.backbones.weights import shipped
 from incontext.episode import Support
 from incontext.errors import InputError, WeightsNotFoundError
 from incontext.generate.diffusion_net import DiffusionSegModel, SupportCode
@@ -40,8 +41,10 @@ from incontext.pipeline import Carry, Pipeline, State, resize_map
 __all__ = ["DiffusionStage", "DiffusionMethod", "load_diffusion", "DEFAULT_CHECKPOINT", "to_frame",
            "mask_to_frame", "build_match_stage"]
 
-# The checkpoint shipped in the repository (trained by `python train.py experiment=diffusion_tiny`).
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "diffusion_tiny"
+# The checkpoint shipped in the repository (trained by `python train.py experiment=diffusion_tiny`); a copy in an
+# earlier weights search place (incontext.backbones.weights.search_dirs) wins.
+SHIPPED_NAME = "diffusion_tiny"
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "weights" / SHIPPED_NAME
 UNCERTAINTY = ("entropy", "std")
 
 
@@ -52,7 +55,7 @@ def load_diffusion(checkpoint: str | Path, device: str | torch.device = "cpu") -
     if missing:
         raise WeightsNotFoundError(
             f"diffusion checkpoint: {', '.join(missing)} not found in {str(path)!r}. A checkpoint is a folder "
-            "with config.json + model.safetensors: the repository ships checkpoints/diffusion_tiny, or train "
+            "with config.json + model.safetensors: the repository ships weights/diffusion_tiny, or train "
             "one with `python train.py experiment=diffusion_tiny` (then use runs/diffusion_tiny/checkpoints/"
             "best); set checkpoint=<folder> (config key generate.checkpoint, or checkpoint= for "
             "method=diffusion)"
@@ -96,7 +99,7 @@ class DiffusionStage:
 
     Args:
         checkpoint: folder with ``config.json`` + ``model.safetensors``; None = the shipped
-            ``checkpoints/diffusion_tiny`` (unless ``model`` or ``model_config`` is given).
+            ``weights/diffusion_tiny`` (unless ``model`` or ``model_config`` is given).
         model_config: ``DiffusionConfig`` keyword arguments for a randomly initialised model (tests only).
         model: a live ``DiffusionSegModel`` (the trainer's); wins over the two above.
         steps: DDIM steps (denoiser calls) per sample; 1 = regression.
@@ -139,7 +142,7 @@ class DiffusionStage:
             if model_config is not None and checkpoint is None:
                 model = DiffusionSegModel(model_config).eval()
             else:
-                model = load_diffusion(checkpoint if checkpoint is not None else DEFAULT_CHECKPOINT)
+                model = load_diffusion(checkpoint if checkpoint is not None else (shipped(SHIPPED_NAME) or DEFAULT_CHECKPOINT))
         self.model = model.to(self.device)
         self.steps = int(steps)
         self.n_samples = int(n_samples)
@@ -242,7 +245,7 @@ class DiffusionMethod(Pipeline):
 
     Args:
         checkpoint, model_config, steps, n_samples, guidance_scale, uncertainty, self_condition, seed,
-            max_shots: see ``DiffusionStage`` (checkpoint None = the shipped ``checkpoints/diffusion_tiny``).
+            max_shots: see ``DiffusionStage`` (checkpoint None = the shipped ``weights/diffusion_tiny``).
         model: a live ``DiffusionSegModel`` (used by the trainer's evaluation).
         match: optional match stage; None = the ``PrototypeMatch`` described by the model's
             ``config.match_prior`` when it has one (else no match stage).

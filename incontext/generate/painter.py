@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from incontext.backbones.weights import shipped
 from incontext.episode import Support
 from incontext.errors import InputError, WeightsNotFoundError
 from incontext.generate import canvas
@@ -35,6 +36,8 @@ from incontext.pipeline import Carry, Pipeline, State
 __all__ = ["PainterMethod", "PainterStage", "load_seggpt", "load_seggpt_config", "build_seggpt", "seggpt_config", "paint", "SEGGPT_HUB_ID"]
 
 SEGGPT_HUB_ID = "BAAI/seggpt-vit-large"
+# Trained here by `python train.py experiment=painter_tiny` and shipped in weights/ (the no-checkpoint default).
+SHIPPED_NAME = "painter_tiny"
 ENSEMBLES = ("feature", "spatial")
 EMBEDDING_TYPES = ("instance", "semantic")
 
@@ -159,7 +162,8 @@ class PainterStage:
     """The ``generate`` stage of ``method=painter``: supports -> colour prompts -> painted query -> prob.
 
     Args:
-        checkpoint: local folder (or cached Hub id) with ``config.json`` + ``model.safetensors``.
+        checkpoint: local folder (or cached Hub id) with ``config.json`` + ``model.safetensors``; None (and no
+            ``model_config``) = the shipped ``weights/painter_tiny`` trained here.
         model_config: ``SegGptConfig`` keyword arguments for a randomly initialised model (tests, training);
             used only when ``checkpoint`` is None.
         model: an already built ``SegGptForImageSegmentation`` (the trainer's live model); wins over the two.
@@ -191,11 +195,14 @@ class PainterStage:
                 model = load_seggpt(checkpoint, self.device)
             elif model_config is not None:
                 model = build_seggpt(model_config).eval()
+            elif shipped(SHIPPED_NAME) is not None:
+                model = load_seggpt(shipped(SHIPPED_NAME), self.device)
             else:
-                raise InputError(
-                    "painter: no weights; set checkpoint=<folder with config.json + model.safetensors> "
-                    "(infer.py / evaluate: method.checkpoint=...; e.g. a train.py run's checkpoints/last, or "
-                    "a local copy of BAAI/seggpt-vit-large), or model_config=... for a random model"
+                raise WeightsNotFoundError(
+                    f"painter: no weights; the shipped weights/{SHIPPED_NAME} (config.json + model.safetensors) "
+                    "is missing: restore it from the repository or retrain it with `python train.py "
+                    "experiment=painter_tiny`, or set checkpoint=<folder> (infer.py / evaluate: "
+                    "method.checkpoint=...; e.g. a local copy of BAAI/seggpt-vit-large)"
                 )
         self.model = model.to(self.device)
         self.ensemble = ensemble

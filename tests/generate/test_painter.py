@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from incontext.episode import Support
 from incontext.errors import InputError, WeightsNotFoundError
 from incontext.generate import canvas
 from incontext.generate.painter import PainterStage, build_seggpt, load_seggpt, paint
+from incontext.generate import painter as painter_mod
 from incontext.pipeline import Carry
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=[64, 32], patch_size=8,
@@ -156,7 +159,7 @@ def test_default_seggpt_config_has_release_state_dict_keys():
     assert set(tiny24.state_dict()) == keys  # key names do not depend on size
 
 
-def test_missing_checkpoint_names_file_place_and_key(tmp_path):
+def test_missing_checkpoint_names_file_place_and_key(tmp_path, monkeypatch):
     with pytest.raises(WeightsNotFoundError) as e:
         PainterStage(checkpoint=str(tmp_path / "nowhere"))
     msg = str(e.value)
@@ -164,10 +167,21 @@ def test_missing_checkpoint_names_file_place_and_key(tmp_path):
     assert "huggingface-cli download BAAI/seggpt-vit-large" in msg
     with pytest.raises(WeightsNotFoundError, match="Hugging Face cache"):
         load_seggpt("someone/not-cached-seggpt")
-    with pytest.raises(InputError, match="no weights"):
+    monkeypatch.setattr(painter_mod, "shipped", lambda name: None)
+    with pytest.raises(WeightsNotFoundError, match="no weights.*weights/painter_tiny.*experiment=painter_tiny"):
         PainterStage()
     with pytest.raises(InputError, match="ensemble"):
         PainterStage(model_config=TINY, ensemble="average")
+
+
+def test_no_checkpoint_uses_the_shipped_folder(tiny_dir, monkeypatch):
+    """``checkpoint=None`` loads weights/painter_tiny (found through the weights search places)."""
+    seen = []
+    monkeypatch.setattr(painter_mod, "shipped", lambda name: seen.append(name) or Path(tiny_dir))
+    stage = PainterStage()
+    assert seen and seen[0] == "painter_tiny"
+    ref = load_seggpt(tiny_dir)
+    assert all(torch.equal(a, b) for a, b in zip(stage.model.state_dict().values(), ref.state_dict().values()))
 
 
 # ------------------------------------------------------------------------------------------ ensembles
