@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from incontext.episode import Context
+from incontext.episode import Context, Support
 from incontext.errors import InputError
 from incontext.methods.persam import CACHE_KEY, PerSAM, PerSAMF
 from incontext.refine.persam_f import fit_mask_weights
@@ -95,7 +95,7 @@ def test_saved_concepts_give_identical_masks_in_another_process(images, tmp_path
     script = textwrap.dedent(f"""
         import numpy as np, torch
         torch.set_num_threads(1)
-        from incontext.episode import Context
+        from incontext.episode import Context, Support
         from incontext.methods.persam import PerSAM, PerSAMF
         from tests.refine.persam_helpers import small_sam
         d = {str(tmp_path)!r}
@@ -153,15 +153,20 @@ def test_concept_from_another_sam_is_refused(images):
         other.segment(images["q1"], ctx)
 
 
-def test_masks_without_grid_cells_are_refused(images):
+def test_masks_smaller_than_a_grid_cell_use_the_most_covered_cell(images):
+    from incontext.match.location_prior import area_mask_grid
+
     img, _ = images["support"]
     thin = np.zeros(img.shape[:2], np.uint8)
-    thin[10:12, 10:40] = 1  # 2 px high: no 16x16 block at SAM's scale
-    with pytest.raises(InputError, match="no foreground cell"):
-        _make("persam").prepare([(img, thin)])
-    # the non-default area rule is more lenient only above half a cell, so still refused
-    with pytest.raises(InputError, match="no foreground cell"):
-        PerSAM(small_sam(), mask_grid="area").prepare([(img, thin)])
+    thin[10:12, 10:40] = 1  # 2 px high: no 16x16 block at SAM's scale, so neither grid rule keeps a cell
+    for m in (_make("persam"), PerSAM(small_sam(), mask_grid="area")):
+        state = m.prepare_binary([Support(img, thin)])
+        emb = m.predictor.embed(img)
+        size = m.predictor.model.image_encoder.img_size
+        values = area_mask_grid(thin > 0, tuple(emb.features.shape[-2:]), img_size=size).values
+        expected = emb.features[0].permute(1, 2, 0)[values >= values.max()]
+        torch.testing.assert_close(state["local_features"], expected)
+        assert m.segment(images["q1"], [(img, thin)]).mask.shape == images["q1"].shape[:2]
 
 
 def test_bad_settings_are_refused():
