@@ -1,0 +1,140 @@
+"""Training the VRP-SAM head with ``train.py`` (``experiment=vrp_tiny``): episodes -> tensors, BCE + Dice loss.
+
+Meta-training as the released code (reference note ``vrp_sam.md`` section 4): 1-shot episodes of base (train-split)
+classes, the frozen SAM and frozen backbone, only the head learns; loss = BCE-with-logits + Dice on the query mask
+at the image size. The released ``train.sh`` trains with mask annotations only; ``annotation_probs`` can mix in the
+box and point conditions (the released code has that mixing commented out) so one head serves all three.
+
+Per sample (numpy RNG of the loop): the episode's first support and the query at their rendered size (the model
+resizes them to the backbone's / SAM's square inputs, the same path evaluation takes), the support's annotation
+drawn from ``annotation_probs`` (points: 1..``max_points`` foreground pixels, as the released training), the
+query's 0/1 target.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from incontext.errors import InputError
+from incontext.refine.vrp import VRP, VrpSam, bce_dice_loss, save_vrp
+from incontext.refine.vrp_features import SamEncoderVrpFeatures
+from incontext.refine.vrp_head import ANNOTATIONS, VrpHead, annotation_mask, head_config
+from incontext.train.data import TrainItem
+
+__all__ = ["VrpTask"]
+
+
+def _unwrap(model: nn.Module) -> VrpSam:
+    return model.module if hasattr(model, "module") else model
+
+
+class VrpTask:
+    """``TrainTask`` of the VRP head (see ``incontext.train.task`` and the module docstring).
+
+    Args:
+        sam: folder of the frozen SAM (config.json + model.safetensors, e.g. ``weights/sam_tiny_synthetic``);
+            None = the shipped ``sam_tiny_synthetic``.
+        head: ``VrpHeadConfig`` keys except ``mid_channels`` (taken from the backbone) and ``hidden`` (the SAM's
+            prompt width).
+        mid_blocks: SAM-encoder blocks forming the mid-level features.
+        annotation_probs: probabilities of the mask / box / points condition per sample.
+        max_points: point condition draws 1..max_points pixels; point_radius: see ``annotation_mask``.
+        eval_annotation: the annotation of the periodic evaluation.
+        init_checkpoint: a head folder to start from.
+        name: recorded in config.json.
+    """
+
+    name = "vrp"
+
+    def __init__(
+        self,
+        sam: str | None = None,
+        head: Mapping[str, Any] | None = None,
+        mid_blocks: Sequence[int] = (1, 3),
+        annotation_probs: Sequence[float] = (1.0, 0.0, 0.0),
+        max_points: int = 20,
+        point_radius: float = 0.02,
+        eval_annotation: str = "mask",
+        init_checkpoint: str | None = None,
+        name: str = "vrp_tiny",
+    ) -> None:
+        self.sam_folder = sam
+        self.head_kw = dict(head or {})
+        for k in ("mid_channels", "hidden"):
+            if k in self.head_kw:
+                raise InputError(f"task.head.{k}: set by the SAM / backbone; remove it")
+        self.mid_blocks = tuple(int(i) for i in mid_blocks)
+        p = np.asarray(annotation_probs, np.float64)
+        if p.shape != (len(ANNOTATIONS),) or (p < 0).any() or p.sum() <= 0:
+            raise InputError(f"task.annotation_probs: {list(annotation_probs)}; pass {len(ANNOTATIONS)} "
+                             f"non-negative weights ({', '.join(ANNOTATIONS)})")
+        self.annotation_probs = p / p.sum()
+        self.max_points = int(max_points)
+        self.point_radius = float(point_radius)
+        if eval_annotation not in ANNOTATIONS:
+            raise InputError(f"task.eval_annotation: {eval_annotation!r}; pass one of {', '.join(ANNOTATIONS)}")
+        self.eval_annotation = eval_annotation
+        self.init_checkpoint = init_checkpoint
+        self.model_name = name
+        self._sam_name = "sam"
+
+    def _load_sam(self):
+        from incontext.backbones.sam_shipped import build_shipped_sam
+
+        pred = build_shipped_sam(self.sam_folder, weights_key="task.sam")
+        self._sam_name = pred.name
+        return pred.model
+
+    # ------------------------------------------------------------------ TrainTask
+    def build_model(self) -> VrpSam:
+        sam = self._load_sam()
+        if self.init_checkpoint is not None:
+            from incontext.refine.vrp import load_vrp
+
+            return load_vrp(self.init_checkpoint, sam)[0].train()
+        feats = SamEncoderVrpFeatures(sam, self.mid_blocks)
+        cfg = head_config({"mid_channels": feats.mid_channels, "hidden": int(sam.prompt_encoder.embed_dim),
+                           **self.head_kw})
+        return VrpSam(VrpHead(cfg), sam, feats).train()
+
+    def make_sample(self, item: TrainItem, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """``query`` (3, H, W) and ``support`` (1, 3, H', W') float 0..255, ``annotation`` (1, 1, H', W') 0/1,
+        ``target`` (1, H, W) 0/1."""
+        if not item.supports:
+            raise InputError("VRP training: an episode without supports")
+        sup = item.supports[0]
+        kind = ANNOTATIONS[int(rng.choice(len(ANNOTATIONS), p=self.annotation_probs))]
+        n_points = int(rng.integers(1, self.max_points + 1))
+        ann = annotation_mask(sup.mask > 0, kind, rng, n_points, self.point_radius)
+        qm = np.asarray(item.query_mask)
+        target = ((qm > 0) & (qm != 255)).astype(np.float32)
+        img = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float()
+        return {
+            "query": img(item.query),
+            "support": img(sup.image)[None],
+            "annotation": torch.from_numpy(ann.astype(np.float32))[None, None],
+            "target": torch.from_numpy(target)[None],
+        }
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        logits = model(batch["query"], batch["support"], batch["annotation"])
+        bce, dice = bce_dice_loss(logits.float(), batch["target"].float())
+        return bce + dice, {"bce": float(bce.detach()), "dice": float(dice.detach())}
+
+    def save_pretrained(self, model: nn.Module, directory: Path) -> None:
+        save_vrp(_unwrap(model), directory, sam_name=self._sam_name,
+                 extra={"name": self.model_name, "sam_folder": str(self.sam_folder) if self.sam_folder else None,
+                        "annotation_probs": dict(zip(ANNOTATIONS, self.annotation_probs.tolist()))})
+
+    def segmenter(self, model: nn.Module, device: torch.device) -> VRP:
+        from incontext.backbones.sam import BatchedSamPredictor
+
+        m = _unwrap(model)
+        return VRP(BatchedSamPredictor(m.sam, name=self._sam_name), model=m, annotation=self.eval_annotation,
+                   device=device)
