@@ -59,6 +59,7 @@ class TrainTask(Protocol):
 TASKS: dict[str, str] = {
     "painter": "incontext.generate.painter_task.PainterTask",
     "sam": "incontext.train.sam_task.SamTask",
+    "vrp": "incontext.refine.vrp_task.VrpTask",
 }
 
 
