@@ -2,6 +2,7 @@
 
     python -m incontext.evaluate benchmark=synthetic method=prototype shots=1 episodes=200 seed=0
     python -m incontext.evaluate benchmark=synthetic method=prototype supports=shuffled      # control
+    python -m incontext.evaluate benchmark=synthetic method=generalist supports=none         # retrieval only
     python -m incontext.evaluate benchmark=synthetic method=salient                          # support-free
     python -m incontext.evaluate benchmark=pascal5i benchmark.root=/data/pascal benchmark.fold=0 shots=5
     python -m incontext.evaluate benchmark=folder benchmark.root=my_set/ out=results/mine.json
@@ -52,13 +53,15 @@ def build_benchmark(node: DictConfig | dict, *, shots: int, episodes: int | None
     return instantiate(node, shots=shots, episodes=episodes, seed=seed, supports=supports)
 
 
-def evaluate(method: Any, bench: Any, *, progress: bool = True) -> dict[str, Any]:
+def evaluate(method: Any, bench: Any, *, progress: bool = True, give_supports: bool = True) -> dict[str, Any]:
     """Run ``method`` on every episode of ``bench``.
 
     Args:
         method: a ``Segmenter``.
         bench: an ``EpisodeBenchmark``.
         progress: show a progress bar on stderr.
+        give_supports: False = pass no supports (``supports=none``): a method with a retriever chooses all its
+            supports from its bank.
 
     Returns:
         the figures (percent): ``miou``, ``fbiou``, ``boundary_iou``, ``mean_episode_iou``, ``per_class`` (by
@@ -79,7 +82,7 @@ def evaluate(method: Any, bench: Any, *, progress: bool = True) -> dict[str, Any
         t0 = time.perf_counter()
         sample = bench[i]
         t1 = time.perf_counter()
-        pred = method.segment(sample.episode.query, sample.episode.supports)
+        pred = method.segment(sample.episode.query, sample.episode.supports if give_supports else [])
         t2 = time.perf_counter()
         load.append(t1 - t0)
         seconds.append(t2 - t1)
@@ -165,8 +168,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
         torch.set_num_threads(int(cfg.threads))  # this process only; a shared CPU runs faster with fewer
     bench_name = str(cfg.benchmark.get("name") or cfg.benchmark._target_.rsplit(".", 1)[-1])
+    give = str(cfg.supports) != "none"  # none: the episodes of `matched`, but the method gets no supports
     bench = build_benchmark(cfg.benchmark, shots=int(cfg.shots), episodes=cfg.episodes, seed=int(cfg.seed),
-                            supports=str(cfg.supports))
+                            supports=str(cfg.supports) if give else "matched")
     method = instantiate_method(cfg.method, device=str(cfg.device))
     method_name = str(getattr(method, "name", cfg.method.get("name", "method")))
     out = Path(cfg.out) if cfg.out else default_out(bench_name, method_name, int(cfg.shots), str(cfg.supports),
@@ -174,7 +178,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if out.suffix.lower() != ".json":
         raise InputError(f"out: {str(out)!r} must end in .json (the Markdown table is written beside it)")
     t0 = time.perf_counter()
-    figures = evaluate(method, bench, progress=bool(cfg.progress))
+    figures = evaluate(method, bench, progress=bool(cfg.progress), give_supports=give)
     import torch
 
     result = {

@@ -23,6 +23,7 @@ the training-free ``PrototypeMatch`` on handcrafted features, built from the mod
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from incontext.generate.diffusion_process import ddim_sample, make_scheduler
 from incontext.pipeline import Carry, Pipeline, State, resize_map
 
 __all__ = ["DiffusionStage", "DiffusionMethod", "load_diffusion", "DEFAULT_CHECKPOINT", "to_frame",
-           "mask_to_frame", "build_match_stage"]
+           "mask_to_frame", "build_match_stage", "match_stage_for"]
 
 # The checkpoint shipped in the repository (trained by `python train.py experiment=diffusion_tiny`); a copy in an
 # earlier weights search place (incontext.backbones.weights.search_dirs) wins.
@@ -75,6 +76,24 @@ def build_match_stage(spec: dict[str, Any]):
     except TypeError as err:
         raise InputError(f"model config match_prior: {err}; keys are size, stride, bg_prototypes, temperature, "
                          "fg_threshold, min_area") from None
+
+
+def match_stage_for(checkpoint: str | Path | None = None, model_config: dict[str, Any] | None = None):
+    """The match stage a diffusion checkpoint was trained to read (its ``config.match_prior``), or None.
+
+    For pipelines that put the diffusion generator behind their own ``match`` stage (``method=generalist``), so
+    the prior it reads is the one it was trained with. Arguments as ``DiffusionStage`` (None = shipped weights);
+    only ``config.json`` is read.
+    """
+    if model_config is not None and checkpoint is None:
+        spec = dict(model_config).get("match_prior")
+    else:
+        path = Path(checkpoint if checkpoint is not None else (shipped(SHIPPED_NAME) or DEFAULT_CHECKPOINT))
+        path = path.expanduser()
+        if not (path / "config.json").is_file():
+            load_diffusion(path)  # raises the WeightsNotFoundError that names the missing files
+        spec = json.loads((path / "config.json").read_text(encoding="utf-8")).get("match_prior")
+    return None if spec is None else build_match_stage(dict(spec))
 
 
 def to_frame(image: np.ndarray, size: int) -> torch.Tensor:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -240,8 +241,14 @@ class Retriever:
 def load_retriever(bank: str | os.PathLike, device: str = "cpu", verify: str = "auto", **overrides: Any
                    ) -> Retriever:
     """Open the bank folder ``bank`` and build its retriever with the settings stored in the bank
-    (``retriever`` section of its config), updated by ``overrides``."""
-    b = PromptBank.load(bank, verify=verify, device=device)
+    (``retriever`` section of its config), updated by ``overrides``. A relative ``bank`` that is not found
+    from the working directory is looked up from the project root (so presets can name ``prompts_bank/...``)."""
+    path = Path(bank).expanduser()
+    if not path.is_absolute() and not path.exists():
+        root = Path(__file__).resolve().parents[2]
+        if (root / path).exists():
+            path = root / path
+    b = PromptBank.load(path, verify=verify, device=device)
     settings = dict(b.config.get("retriever") or {})
     settings.update(overrides)
     return Retriever(b, **settings)
