@@ -24,6 +24,7 @@ gradient accumulation average exactly).
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -131,6 +132,10 @@ class PainterTask:
             1.0 = SegGPT's unweighted loss; small objects on a tiny budget need more (Painter weights pose
             foreground x10 for the same reason), else painting everything black is a deep local minimum.
         min_colour_distance: minimum distance between a sample's random colours (0..255 units).
+        p_self_prompt: probability that the prompt pair is the query's own (image, mask) under an independent
+            object crop and flip: a correspondence warm-up whose answer is always findable by matching
+            appearance, the attention path that in-context segmentation needs (from-scratch runs on all train
+            classes otherwise stayed on the constant-prior plateau for 1,000+ steps).
         embedding_type: type token used in training and evaluation.
         eval_ensemble: k-shot rule of the evaluation segmenter ("feature" or "spatial").
     """
@@ -149,6 +154,7 @@ class PainterTask:
         crop_scale: tuple[float, float] = (0.5, 1.0),
         min_colour_distance: float = 96.0,
         fg_weight: float = 1.0,
+        p_self_prompt: float = 0.0,
         embedding_type: str = "instance",
         eval_ensemble: str = "feature",
     ) -> None:
@@ -162,6 +168,7 @@ class PainterTask:
         self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
         self.min_colour_distance = float(min_colour_distance)
         self.fg_weight = float(fg_weight)
+        self.p_self_prompt = float(p_self_prompt)
         self.embedding_type = embedding_type
         self.eval_ensemble = eval_ensemble
         config = seggpt_config(self.model_config) if init_checkpoint is None else \
@@ -180,6 +187,9 @@ class PainterTask:
         """Tensors of one canvas: ``query``, ``prompt``, ``prompt_mask``, ``label`` (3, h, w) model space,
         ``bool_masked_pos`` (num_patches,) bool over the stacked canvas and the loss ``weight`` (1, 2h, w)."""
         sup = item.supports[int(rng.integers(len(item.supports)))]
+        self_prompt = self.p_self_prompt > 0 and rng.random() < self.p_self_prompt
+        if self_prompt:
+            sup = SimpleNamespace(image=item.query, mask=item.query_mask)
         classes = sorted(set(np.unique(sup.mask).tolist()) - {0})
         lut = np.zeros(256, np.uint8)  # support classes -> palette rows 1..C; anything else -> background
         lut[classes] = np.arange(1, len(classes) + 1)
@@ -193,10 +203,12 @@ class PainterTask:
         h, w = self.cell
         pairs = []
         for img, lab in ((sup.image, lut[sup.mask]), (item.query, lut[item.query_mask])):
-            if self.p_crop > 0 and rng.random() < self.p_crop:
+            if self_prompt or (self.p_crop > 0 and rng.random() < self.p_crop):
                 img, lab = object_crop(img, lab, self.crop_scale, rng)
             pairs.append((canvas.resize_image(img, (h, w)), canvas.resize_labels(lab, (h, w))))
         (p_img, p_lab), (q_img, q_lab) = pairs
+        if self_prompt and rng.random() < 0.5:  # the two views differ by a flip too
+            p_img, p_lab = np.ascontiguousarray(p_img[:, ::-1]), np.ascontiguousarray(p_lab[:, ::-1])
         if rng.random() < self.hflip:
             p_img, q_img, p_lab, q_lab = (np.ascontiguousarray(a[:, ::-1]) for a in (p_img, q_img, p_lab, q_lab))
         p_col, q_col = canvas.encode_mask(p_lab, palette), canvas.encode_mask(q_lab, palette)

@@ -289,6 +289,27 @@ def test_make_sample_colours_prompt_and_target_alike():
     assert loss.ndim == 0 and torch.isfinite(loss)
 
 
+def test_self_prompt_uses_the_query_pair_and_never_the_support():
+    from incontext.generate.painter_task import PainterTask
+    from incontext.train.data import TrainItem
+
+    rng = np.random.default_rng(0)
+    img, lab = rng.integers(0, 200, (48, 48, 3), dtype=np.uint8), np.zeros((48, 48), np.uint8)
+    lab[8:24, 6:30] = 1
+    item = TrainItem(img, lab, [Support(np.full_like(img, 255), lab)])
+    task = PainterTask(model=TINY, p_lower_half=1.0, hflip=0.0, p_random_colour=0.0, p_self_prompt=1.0,
+                       crop_scale=(1.0, 1.0))
+    for seed in range(6):
+        s = task.make_sample(item, np.random.default_rng(seed))
+        # the prompt shows the query image (a view of it), never the all-white support
+        assert canvas.denormalise(s["prompt"]).min() < 0.9
+        prompt_fg = (canvas.denormalise(s["prompt_mask"]).mean(0) > 0.5).sum()
+        label_fg = (canvas.denormalise(s["label"]).mean(0) > 0.5).sum()
+        assert prompt_fg == label_fg > 0  # full-size square crops: the same object, possibly mirrored
+    plain = PainterTask(model=TINY, p_lower_half=1.0, hflip=0.0, p_random_colour=0.0)
+    assert canvas.denormalise(plain.make_sample(item, np.random.default_rng(0))["prompt"]).min() > 0.9
+
+
 def test_object_crop_keeps_the_object_and_weights_foreground():
     from incontext.generate.painter_task import PainterTask, object_crop
     from incontext.train.data import TrainItem
