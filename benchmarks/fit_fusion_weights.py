@@ -20,7 +20,6 @@ import argparse
 import itertools
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +62,7 @@ def main() -> None:
     ap.add_argument("--step", type=float, default=0.1)
     ap.add_argument("--top", type=int, default=4, help="weightings re-scored with the refine stage")
     ap.add_argument("--refine-variants", action="store_true")
+    ap.add_argument("--hflip", action="store_true", help="members also run on the mirrored query (averaged)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     overrides = list(a.set) + ["retriever=null"]
@@ -74,6 +74,9 @@ def main() -> None:
     match, fuse, refine = m.stages.get("match"), m.stages["generate"], m.stages.get("refine")
     bench = SyntheticBenchmark(split="train", size=a.size, shots=a.shots, episodes=a.episodes, seed=1000 + a.seed)
     names = list(fuse.generators) + (["match"] if match is not None else [])
+    fuse.weights = {n: 1.0 for n in names}  # every member runs; the weights are chosen below
+    if a.hflip:
+        fuse.hflip = True
     maps: dict[str, list[np.ndarray]] = {n: [] for n in names}
     gts, classes, queries, caches = [], [], [], []
     t0 = time.time()
@@ -84,11 +87,9 @@ def main() -> None:
             carry = Carry(query=s.episode.query, cache={})
             if match is not None:
                 match(carry, match.prepare(sup))
-                maps["match"].append(carry.prob.float().cpu().numpy().astype(np.float16))
-            for name, g in fuse.generators.items():
-                sub = replace(carry, extras={})
-                g(sub, g.prepare(sup))
-                maps[name].append(sub.prob.float().cpu().numpy().astype(np.float16))
+            probs, _ = fuse.member_maps(carry, fuse.prepare(sup))
+            for name in names:
+                maps[name].append(probs[name].float().cpu().numpy().astype(np.float16))
             gt = (s.target == 1).astype(np.uint8)
             gt[s.target == 255] = 255
             gts.append(gt)
@@ -141,12 +142,15 @@ def main() -> None:
                         ("no box", {"box": False}), ("no point", {"point": False}),
                         ("min_agreement 0.5", {"min_agreement": 0.5}), ("min_agreement 0.1", {"min_agreement": 0.1}),
                         ("threshold 0.4", {"threshold": 0.4}), ("threshold 0.6", {"threshold": 0.6}),
-                        ("min_pred_iou 0.5", {"min_pred_iou": 0.5}), ("drop_small", {"drop_small": True})]
+                        ("min_pred_iou 0.5", {"min_pred_iou": 0.5}), ("drop_small", {"drop_small": True}),
+                        ("multimask", {"multimask": True}), ("multimask, threshold 0.4", {"multimask": True,
+                                                                                       "threshold": 0.4})]
             for label, ch in variants:
                 for k, v in {**base, **ch}.items():
                     setattr(refine, k, v)
                 refine.min_pred_iou = ch.get("min_pred_iou", 0.0)
                 refine.drop_small = ch.get("drop_small", False)
+                refine.multimask = ch.get("multimask", False)
                 print(f"| {label} | {refined(w):.1f} |")
 
 

@@ -44,10 +44,12 @@ class FuseGenerators:
             weight 1 (equal weights when None). A ``"match"`` entry adds the match stage's probability map as a
             member (``carry.prob`` as the match stage left it, else its ``prior`` resized).
         threshold: foreground threshold used for the per-member diagnostics (the pipeline decides the mask).
+        hflip: also run every generator on the mirrored query (and mirrored prior) and average the two maps
+            (test-time augmentation; twice the generators' query cost, supports encoded once).
     """
 
     def __init__(self, generators: Mapping[str, Any], weights: Mapping[str, float] | None = None,
-                 threshold: float = 0.5) -> None:
+                 threshold: float = 0.5, hflip: bool = False) -> None:
         if not generators:
             raise InputError("generate.generators: empty; give at least one generate stage to fuse")
         for name in generators:
@@ -67,6 +69,7 @@ class FuseGenerators:
         if sum(self.weights.values()) <= 0:
             raise InputError(f"generate.weights: {weights}; at least one weight must be positive")
         self.threshold = float(threshold)
+        self.hflip = bool(hflip)
 
     def to(self, device: str | torch.device) -> "FuseGenerators":
         for g in self.generators.values():
@@ -83,8 +86,8 @@ class FuseGenerators:
                 state[f"{name}.{key}"] = value
         return state
 
-    def __call__(self, carry: Carry, state: State) -> None:
-        """Set ``carry.prob`` to the fused map (query size), clear ``carry.mask``, record per-member scores."""
+    def member_maps(self, carry: Carry, state: State) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Every member's probability map at the query's size (name -> (H, W) tensor) and their extras."""
         h, w = carry.query.shape[:2]
         probs: dict[str, torch.Tensor] = {}
         extras: dict[str, Any] = {}
@@ -95,18 +98,35 @@ class FuseGenerators:
                 probs[MATCH_MEMBER] = resize_map(carry.prior.float(), (h, w)).clamp(0, 1)
             else:
                 raise InputError("generate.weights has a 'match' member but no match stage ran; add one or drop it")
+        views = [(carry, False)]
+        if self.hflip:
+            # the mirrored query gets its own cache (encoder outputs are keyed by size, not by pixels)
+            flip_cache = carry.cache.setdefault("fuse.hflip", {})
+            views.append((replace(carry, query=np.ascontiguousarray(carry.query[:, ::-1]), cache=flip_cache,
+                                  prior=None if carry.prior is None else carry.prior.flip(-1),
+                                  prob=None if carry.prob is None else carry.prob.flip(-1), mask=None), True))
         for name, g in self.generators.items():
             if self.weights[name] <= 0:
                 continue
-            sub = replace(carry, extras={}, instances=list(carry.instances))
-            g(sub, {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
-            if sub.prob is None:
-                raise AssertionError(f"generate member {name!r} set no prob")
-            probs[name] = resize_map(sub.prob.float(), (h, w)).clamp(0, 1)
-            for k, v in sub.extras.items():
-                if k == "stage_scores":
-                    continue
-                extras[k] = v  # e.g. the painter's painted cell; later members win on a clash
+            sub_state = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+            maps = []
+            for view, flipped in views:
+                sub = replace(view, extras={}, instances=list(view.instances))
+                g(sub, sub_state)
+                if sub.prob is None:
+                    raise AssertionError(f"generate member {name!r} set no prob")
+                p = resize_map(sub.prob.float(), (h, w)).clamp(0, 1)
+                maps.append(p.flip(-1) if flipped else p)
+                if not flipped:
+                    for k, v in sub.extras.items():
+                        if k != "stage_scores":
+                            extras[k] = v  # e.g. the painter's painted cell; later members win on a clash
+            probs[name] = maps[0] if len(maps) == 1 else sum(maps) / len(maps)
+        return probs, extras
+
+    def __call__(self, carry: Carry, state: State) -> None:
+        """Set ``carry.prob`` to the fused map (query size), clear ``carry.mask``, record per-member scores."""
+        probs, extras = self.member_maps(carry, state)
         total = sum(self.weights[n] for n in probs)
         device = next(iter(probs.values())).device
         fused = sum((self.weights[n] / total) * p.to(device) for n, p in probs.items())

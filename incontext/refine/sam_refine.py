@@ -10,7 +10,7 @@ Any generator or matcher leaves a coarse answer in the pipeline's ``Carry`` (``m
   logits of +-``MASK_PROMPT_LOGIT``).
 
 All parts are decoded in one batched call on one image embedding (cached per query and SAM, so several classes
-pay one encoder pass), single-mask output. A SAM answer replaces its part only if SAM's predicted IoU is at least
+pay one encoder pass), single-mask output (``multimask``: SAM's 3 answers, the best by predicted IoU x agreement). A SAM answer replaces its part only if SAM's predicted IoU is at least
 ``min_pred_iou`` and it overlaps the part with IoU >= ``min_agreement`` (otherwise SAM found another object and
 the part is kept as it was). Parts smaller than ``min_area`` are kept unchanged, or dropped with ``drop_small``.
 
@@ -96,6 +96,8 @@ class SamRefine:
         min_pred_iou: SAM answers with a lower predicted IoU are rejected.
         min_agreement: SAM answers overlapping their part with a lower IoU are rejected.
         drop_small: drop parts below ``min_area`` instead of keeping them.
+        multimask: ask SAM for its 3 answers per part and keep the one with the highest predicted IoU x IoU with
+            the part (default: SAM's single-mask answer).
         device: where SAM runs.
     """
 
@@ -112,6 +114,7 @@ class SamRefine:
         min_pred_iou: float = 0.0,
         min_agreement: float = 0.3,
         drop_small: bool = False,
+        multimask: bool = False,
         device: str | torch.device = "cpu",
     ) -> None:
         if not (box or point or mask_prompt):
@@ -127,6 +130,7 @@ class SamRefine:
         self.min_pred_iou = float(min_pred_iou)
         self.min_agreement = float(min_agreement)
         self.drop_small = bool(drop_small)
+        self.multimask = bool(multimask)
         self.to(device)
 
     def to(self, device: str | torch.device) -> "SamRefine":
@@ -187,10 +191,16 @@ class SamRefine:
         if parts:
             self._embedding(carry.query, carry.cache)
             res = self._decode(parts, carry)
-            logits = res.logits[:, 0].float().cpu()
+            pick = torch.zeros(len(parts), dtype=torch.long)
+            if self.multimask:  # of SAM's 3 answers, the one with the best predicted IoU x agreement with its part
+                cand = (res.logits > self.sam.model.mask_threshold).cpu().numpy()
+                score = np.array([[_iou(c, part) for c in cs] for cs, part in zip(cand, parts)])
+                pick = torch.from_numpy((score * res.iou_pred.float().cpu().numpy()).argmax(1))
+            rows = torch.arange(len(parts))
+            logits = res.logits[rows, pick].float().cpu()
             probs = torch.sigmoid(logits).numpy()
             logits = logits.numpy()
-            ious = res.iou_pred[:, 0].float().cpu().numpy()
+            ious = res.iou_pred[rows, pick].float().cpu().numpy()
             for part, lg, pr, piou in zip(parts, logits, probs, ious):
                 sam_mask = lg > self.sam.model.mask_threshold
                 agree = _iou(sam_mask, part)
@@ -239,5 +249,5 @@ class SamRefine:
             enc = self.sam.model.image_encoder.img_size
             low = 4 * self.sam.model.prompt_encoder.image_embedding_size[0]
             mask_input = np.stack([mask_to_prompt_logits(p, enc, low) for p in parts])
-        return self.sam.decode(points, labels, boxes=boxes, mask_input=mask_input, multimask_output=False,
-                               return_logits=True)
+        return self.sam.decode(points, labels, boxes=boxes, mask_input=mask_input,
+                               multimask_output=self.multimask, return_logits=True)

@@ -176,3 +176,54 @@ def test_infer_runs_the_generalist_on_the_demo(tmp_path):
                                                        f"output_dir={tmp_path / 'out'}", *args])
     assert run_infer(cfg) == 0
     assert (tmp_path / "out" / "query_mask.png").is_file() and (tmp_path / "out" / "query.json").is_file()
+
+
+class QueryRed:
+    """A generate stage whose map is the query's red channel (so it follows the query when mirrored)."""
+
+    def prepare(self, supports):
+        return {}
+
+    def __call__(self, carry, state):
+        carry.prob = torch.from_numpy(carry.query[..., 0].astype(np.float32) / 255.0)
+
+
+def test_hflip_averages_the_mirrored_run_and_leaves_equivariant_members_unchanged():
+    a, _ = _maps()
+    rng = np.random.default_rng(0)
+    q = rng.integers(0, 255, (8, 10, 3), dtype=np.uint8)
+    fuse = FuseGenerators({"fixed": ConstGen(a, "a"), "red": QueryRed()}, weights={"red": 0.0}, hflip=True)
+    carry = Carry(query=q, cache={})
+    fuse(carry, fuse.prepare([Support(q, np.ones((8, 10), np.uint8))]))
+    np.testing.assert_allclose(carry.prob.numpy(), (a + a[:, ::-1]) / 2, atol=1e-6)  # a fixed map is not
+    fuse2 = FuseGenerators({"red": QueryRed()}, hflip=True)
+    carry2 = Carry(query=q, cache={})
+    fuse2(carry2, {})
+    np.testing.assert_allclose(carry2.prob.numpy(), q[..., 0] / 255.0, atol=1e-6)
+    assert "fuse.hflip" in carry2.cache
+
+
+def test_sam_refine_multimask_keeps_the_best_of_three():
+    from incontext.backbones.sam import BatchedSamPredictor, SamArch, build_sam_model
+    from incontext.refine.sam_refine import SamRefine
+
+    torch.manual_seed(0)
+    sam = BatchedSamPredictor(build_sam_model(SamArch(**{**SAM_ARCH, "encoder_global_attn_indexes": (0,)})))
+    rng = np.random.default_rng(0)
+    q = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    coarse = np.zeros((48, 64), bool)
+    coarse[8:30, 10:40] = True
+    prob = torch.from_numpy(np.where(coarse, 0.9, 0.1).astype(np.float32))
+    stage = SamRefine(sam, min_area=0.01, min_agreement=0.0, multimask=True)
+    carry = Carry(query=q, cache={}, prob=prob)
+    stage(carry, {})
+    part = stage.parts(coarse)[0][0]
+    call = sam.decode(np.array([[[19, 24]]], np.float32), np.ones((1, 1), np.int64), boxes=None, multimask_output=True)
+    assert call.masks.shape[1] == 3  # SAM's three answers exist for the stage to choose from
+    res = stage._decode([part], carry)
+    cand = (res.logits[0] > sam.model.mask_threshold).numpy()
+    scores = [float(res.iou_pred[0, j]) * (np.logical_and(c, part).sum() / max(np.logical_or(c, part).sum(), 1))
+              for j, c in enumerate(cand)]
+    best = cand[int(np.argmax(scores))]
+    np.testing.assert_array_equal(carry.mask.numpy(), best)
+    assert carry.extras["refine_sam"]["pred_iou"][0] == pytest.approx(float(res.iou_pred[0, int(np.argmax(scores))]))
