@@ -156,9 +156,12 @@ class VrpHead(nn.Module):
         self.self_1 = _Block(c, config.heads)
         self.query_cross = _Block(c, config.heads)
         self.self_2 = _Block(c, config.heads)
-        for name, p in self.named_parameters():  # released decoder: xavier-uniform on every matrix
-            if p.dim() > 1 and not name.startswith(("reduce", "merge")):
-                nn.init.xavier_uniform_(p)
+        # Released decoder: each attention layer resets its own matrices with xavier-uniform; the learned queries
+        # (an nn.Embedding outside those layers) keep PyTorch's N(0, 1) init.
+        for blk in (self.support_cross, self.self_1, self.query_cross, self.self_2):
+            for p in blk.parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
 
     def support_side(self, mid: torch.Tensor, high: torch.Tensor, annotation: torch.Tensor) -> SupportSide:
         """Support branch.

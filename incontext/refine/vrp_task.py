@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from torch import nn
@@ -38,8 +39,15 @@ class VrpTask:
     """``TrainTask`` of the VRP head (see ``incontext.train.task`` and the module docstring).
 
     Args:
-        sam: folder of the frozen SAM (config.json + model.safetensors, e.g. ``weights/sam_tiny_synthetic``);
-            None = the shipped ``sam_tiny_synthetic``.
+        sam: weights of the frozen SAM: for ``sam_name`` sam_tiny_synthetic (default) a folder (config.json +
+            model.safetensors; None = the shipped ``weights/sam_tiny_synthetic``); for ``sam_name`` sam_vit_h / _l /
+            _b the official checkpoint file (None = looked up locally, see ``python -m incontext.weights``).
+        sam_name: which SAM (see ``sam``).
+        features: frozen backbone: "sam_encoder" (the SAM's own image encoder; offline default) or "resnet50"
+            (the paper's dilated ResNet-50, torchvision layout, weights from ``features_weights``).
+        features_weights, features_size: the ResNet-50 file and input side (released: 512).
+        size: square side every image is resized to in ``make_sample`` (aspect not kept, as the released
+            loaders; needed when images differ in size, e.g. COCO-20i); None = keep the rendered size.
         head: ``VrpHeadConfig`` keys except ``mid_channels`` (taken from the backbone) and ``hidden`` (the SAM's
             prompt width).
         mid_blocks: SAM-encoder blocks forming the mid-level features.
@@ -56,6 +64,11 @@ class VrpTask:
         self,
         sam: str | None = None,
         head: Mapping[str, Any] | None = None,
+        sam_name: str = "sam_tiny_synthetic",
+        features: str = "sam_encoder",
+        features_weights: str | None = None,
+        features_size: int = 512,
+        size: int | None = None,
         mid_blocks: Sequence[int] = (1, 3),
         annotation_probs: Sequence[float] = (1.0, 0.0, 0.0),
         max_points: int = 20,
@@ -65,6 +78,13 @@ class VrpTask:
         name: str = "vrp_tiny",
     ) -> None:
         self.sam_folder = sam
+        self.sam_name = sam_name
+        if features not in ("sam_encoder", "resnet50"):
+            raise InputError(f"task.features: {features!r}; pass sam_encoder or resnet50")
+        self.features = features
+        self.features_weights = features_weights
+        self.features_size = int(features_size)
+        self.size = None if size is None else int(size)
         self.head_kw = dict(head or {})
         for k in ("mid_channels", "hidden"):
             if k in self.head_kw:
@@ -85,11 +105,23 @@ class VrpTask:
         self._sam_name = "sam"
 
     def _load_sam(self):
+        from incontext.backbones.sam import _registry_key, build_sam
         from incontext.backbones.sam_shipped import build_shipped_sam
 
-        pred = build_shipped_sam(self.sam_folder, weights_key="task.sam")
+        if _registry_key(self.sam_name) is not None:
+            pred = build_sam(self.sam_name, weights=self.sam_folder, weights_key="task.sam")
+        else:
+            pred = build_shipped_sam(self.sam_folder, weights_key="task.sam")
         self._sam_name = pred.name
         return pred.model
+
+    def _features(self, sam: nn.Module):
+        if self.features == "resnet50":
+            from incontext.refine.vrp_features import ResNetVrpFeatures
+
+            return ResNetVrpFeatures(self.features_weights, image_size=self.features_size,
+                                     weights_key="task.features_weights")
+        return SamEncoderVrpFeatures(sam, self.mid_blocks)
 
     # ------------------------------------------------------------------ TrainTask
     def build_model(self) -> VrpSam:
@@ -97,8 +129,8 @@ class VrpTask:
         if self.init_checkpoint is not None:
             from incontext.refine.vrp import load_vrp
 
-            return load_vrp(self.init_checkpoint, sam)[0].train()
-        feats = SamEncoderVrpFeatures(sam, self.mid_blocks)
+            return load_vrp(self.init_checkpoint, sam, features_weights=self.features_weights)[0].train()
+        feats = self._features(sam)
         cfg = head_config({"mid_channels": feats.mid_channels, "hidden": int(sam.prompt_encoder.embed_dim),
                            **self.head_kw})
         return VrpSam(VrpHead(cfg), sam, feats).train()
@@ -114,10 +146,16 @@ class VrpTask:
         ann = annotation_mask(sup.mask > 0, kind, rng, n_points, self.point_radius)
         qm = np.asarray(item.query_mask)
         target = ((qm > 0) & (qm != 255)).astype(np.float32)
+        q_img, s_img = item.query, sup.image
+        if self.size is not None:  # released loaders: square resize, bilinear images, nearest masks
+            sq = (self.size, self.size)
+            q_img, s_img = (cv2.resize(a, sq, interpolation=cv2.INTER_LINEAR) for a in (q_img, s_img))
+            target = cv2.resize(target, sq, interpolation=cv2.INTER_NEAREST)
+            ann = cv2.resize(ann, sq, interpolation=cv2.INTER_NEAREST)
         img = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float()
         return {
-            "query": img(item.query),
-            "support": img(sup.image)[None],
+            "query": img(q_img),
+            "support": img(s_img)[None],
             "annotation": torch.from_numpy(ann.astype(np.float32))[None, None],
             "target": torch.from_numpy(target)[None],
         }
