@@ -22,8 +22,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-DIFFUSION = [("steps 1", ["steps=1"]), ("steps 2", ["steps=2"]), ("steps 4", ["steps=4"]),
-             ("4 samples x 2 steps", ["steps=2", "n_samples=4"])]
+DIFFUSION = [("steps 1", ["method.steps=1"]), ("steps 2", ["method.steps=2"]), ("steps 4", ["method.steps=4"]),
+             ("4 samples x 2 steps", ["method.steps=2", "method.n_samples=4"])]
 
 
 def runs(args) -> list[tuple[str, str, int, str, list[str], Path]]:
