@@ -50,17 +50,17 @@ def rows(a: argparse.Namespace, shots: int) -> list[tuple[str, str, list[str]]]:
     if a.weights:
         g.append(f"method.generate.weights={{{a.weights}}}")
     out = [
-        ("prototype", "prototype (match alone)", ["method=prototype"]),
+        ("generalist", "**generalist**", g),
         ("diffusion", "diffusion (its prototype prior + generator)", ["method=diffusion", *diff]),
+        ("prototype", "prototype (match alone)", ["method=prototype"]),
     ]
     if a.painter is not None:
         out.append(("painter", "painter (generator alone)", ["method=painter", *paint]))
-    if a.sam:
-        out.append(("proto_sam", "prototype → SAM (= generalist − generate)",
-                    [*g, "method.generate.weights={diffusion:0.0,match:1.0}"]))
     out += [
-        ("generalist", "**generalist**", g),
         ("no_refine", "generalist − refine", [*g, "method.refine=null"]),
+        ("proto_sam", "generalist − generate (prototype prior → SAM)",
+         [*g, "method.generate.weights={diffusion:0.0,match:1.0}"]),
+        ("no_hflip", "generalist − mirror averaging", [*g, "method.generate.hflip=false"]),
     ]
     if a.diffusion_nomatch:
         nm = [x for x in g if "generators.diffusion.checkpoint" not in x]
@@ -100,6 +100,80 @@ def command(a: argparse.Namespace, bench: str, shots: int, margs: list[str], pat
             "threads=1", "progress=false", f"out={path}"]
 
 
+def shared_pass(a: argparse.Namespace, bench_name: str, shots: int, cells: list, every: int = 25) -> None:
+    """Run every row of one (benchmark, shots) in ONE process over the same episodes (each episode rendered once,
+    every method's ``segment`` called on it in turn). Each row is composed from exactly the evaluate command's
+    arguments (``configs/evaluate.yaml`` + overrides) and scored like ``incontext.evaluate.evaluate``; its JSON is
+    rewritten every ``every`` episodes, so a cut-short run still leaves figures (with their episode count)."""
+    import numpy as np
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from incontext.evaluate import build_benchmark
+    from incontext.io import write_json
+    from incontext.metrics import SegmentationMeter
+    from incontext.registry import instantiate_method
+
+    torch.set_num_threads(1)
+    todo = []
+    for _, _, key, label, margs, path in cells:
+        if path.is_file() and json.loads(path.read_text()).get("complete"):
+            continue
+        cmd = command(a, bench_name, shots, margs, path)
+        overrides = [x for x in cmd[3:] if not x.startswith(("threads=", "progress=", "out="))]
+        with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+            cfg = compose(config_name="evaluate", overrides=overrides)
+        give = str(cfg.supports) != "none"
+        method = instantiate_method(cfg.method, device="cpu")
+        todo.append(dict(key=key, label=label, path=path, cfg=cfg, give=give, method=method,
+                         given=int(cfg.shots), cmd=" ".join(["python", *cmd[1:]]),
+                         meter=SegmentationMeter(classes=None, ignore_index=255, boundary=True),
+                         seconds=[], ious=[], names={}))
+        print(f"row {key}: {' '.join(cmd[2:])}", flush=True)
+    if not todo:
+        return
+    cfg0 = todo[0]["cfg"]
+    benches = {}
+    for t in todo:  # rows whose benchmark gives fewer supports (1 given + k-1 retrieved) get their own episodes
+        benches.setdefault(t["given"], build_benchmark(t["cfg"].benchmark, shots=t["given"], episodes=cfg0.episodes,
+                                                       seed=int(cfg0.seed), supports="matched"))
+    n = len(next(iter(benches.values())))
+
+    def dump(t: dict, done: int) -> None:
+        summ = t["meter"].summary()
+        timed = t["seconds"][1:] or t["seconds"]
+        write_json(t["path"], {
+            "benchmark": bench_name, "method": t["key"], "label": t["label"], "shots": shots, "seed": a.seed,
+            "supports": str(t["cfg"].supports), "given_supports": t["given"] if t["give"] else 0,
+            "episodes": done, "episodes_planned": n, "complete": done == n,
+            "miou": summ["miou"], "fbiou": summ["fbiou"], "boundary_iou": summ["boundary_iou"],
+            "mean_episode_iou": summ["mean_episode_iou"], "classes_seen": len(t["names"]),
+            "sec_per_episode": float(np.median(timed)), "sec_per_episode_mean": float(np.mean(timed)),
+            "episode_iou": [round(100.0 * x, 3) for x in t["ious"]], "command": t["cmd"],
+            "runner": "benchmarks/generalist_ablation.py --shared (one process, rows interleaved per episode)",
+            "environment": {"torch": torch.__version__, "threads": torch.get_num_threads()},
+        })
+
+    t_start = time.time()
+    for i in range(n):
+        samples = {k: b[i] for k, b in benches.items()}
+        for t in todo:
+            sample = samples[t["given"]]
+            t1 = time.perf_counter()
+            pred = t["method"].segment(sample.episode.query, sample.episode.supports if t["give"] else [])
+            t["seconds"].append(time.perf_counter() - t1)
+            for slot, cid in enumerate(sample.classes):
+                gt = (sample.target == slot + 1).astype(np.uint8)
+                gt[sample.target == 255] = 255
+                t["ious"].append(t["meter"].update(pred.mask == slot + 1, gt, cid))
+                t["names"][cid] = sample.class_names[slot]
+        if (i + 1) % every == 0 or i + 1 == n:
+            for t in todo:
+                dump(t, i + 1)
+            print(f"[{time.time() - t_start:.0f} s] {bench_name} {shots}-shot: {i + 1}/{n} episodes: " +
+                  ", ".join(f"{t['key']} {t['meter'].summary()['miou']:.1f}" for t in todo), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bench", nargs="+", default=["synthetic"], choices=["synthetic", "folder"])
@@ -120,6 +194,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="row keys to run (default: all)")
     ap.add_argument("--out-dir", type=Path, default=REPO / "outputs" / "eval" / "generalist")
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--shared", action="store_true",
+                    help="all rows of a (benchmark, shots) in one process, episodes rendered once (see shared_pass)")
     a = ap.parse_args()
     a.out_dir.mkdir(parents=True, exist_ok=True)
     cells = []
@@ -135,7 +211,12 @@ def main() -> None:
                 cells.append((bench, shots, key, label, margs, path))
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    if not a.table_only:
+    if a.shared and not a.table_only:
+        os.nice(15)
+        for bench in a.bench:
+            for shots in a.shots:
+                shared_pass(a, bench, shots, [c for c in cells if c[0] == bench and c[1] == shots])
+    elif not a.table_only:
         for bench, shots, key, label, margs, path in cells:
             if path.is_file():
                 continue
@@ -163,7 +244,9 @@ def main() -> None:
             for shots in shots_list:
                 path = next((c[5] for c in cells if c[0] == bench and c[1] == shots and c[2] == key), None)
                 r = res(path) if path else None
-                cols.append(f"{r['miou']:.1f} | {r['fbiou']:.1f} | {r['sec_per_episode']:.3f}" if r else "– | – | –")
+                part = "" if not r or r.get("complete", True) else f" ({r['episodes']} ep)"
+                cols.append(f"{r['miou']:.1f}{part} | {r['fbiou']:.1f} | {r['sec_per_episode']:.3f}" if r
+                            else "– | – | –")
             print(f"| {label} | " + " | ".join(cols) + " |")
         eps = {res(c[5])["episodes"] for c in cells if c[0] == bench and res(c[5])}
         print(f"\nepisodes per cell: {sorted(eps)}, seed {a.seed}, CPU, 1 thread, nice 15 on a shared machine "
