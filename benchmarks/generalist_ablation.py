@@ -174,6 +174,31 @@ def shared_pass(a: argparse.Namespace, bench_name: str, shots: int, cells: list,
                   ", ".join(f"{t['key']} {t['meter'].summary()['miou']:.1f}" for t in todo), flush=True)
 
 
+def analyse(bench: str, shots_list: list[int], cells: list, res) -> None:
+    """Per-episode view of the rows (same episodes in every row): paired differences against the generalist,
+    failures (episode IoU < 10 %: the wrong object or nothing, which no boundary refinement can fix), and the
+    oracle that picks the better of two rows per episode (the most any per-query choice between them could give).
+    Uses mean episode IoU (classes have one episode each in the first 240 synthetic episodes)."""
+    import numpy as np
+
+    for shots in shots_list:
+        rows = {c[2]: res(c[5]) for c in cells if c[0] == bench and c[1] == shots and res(c[5])}
+        if "generalist" not in rows:
+            continue
+        n = min(len(r["episode_iou"]) for r in rows.values())
+        e = {k: np.asarray(r["episode_iou"][:n]) for k, r in rows.items()}
+        g = e["generalist"]
+        print(f"\n{bench} {shots}-shot, first {n} episodes: per-episode IoU (%)\n")
+        print("| row | mean | IoU < 10 % | generalist − row (mean ± s.e.) | generalist wins / losses (±1) "
+              "| oracle max(generalist, row) |")
+        print("|---|---|---|---|---|---|")
+        for k, x in e.items():
+            d = g - x
+            se = d.std(ddof=1) / np.sqrt(n) if n > 1 else float("nan")
+            print(f"| {k} | {x.mean():.1f} | {100 * (x < 10).mean():.0f} % | {d.mean():+.1f} ± {se:.1f} | "
+                  f"{int((d > 1).sum())} / {int((d < -1).sum())} | {np.maximum(g, x).mean():.1f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bench", nargs="+", default=["synthetic"], choices=["synthetic", "folder"])
@@ -194,6 +219,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="row keys to run (default: all)")
     ap.add_argument("--out-dir", type=Path, default=REPO / "outputs" / "eval" / "generalist")
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--analyse", action="store_true", help="also print the per-episode analysis")
     ap.add_argument("--shared", action="store_true",
                     help="all rows of a (benchmark, shots) in one process, episodes rendered once (see shared_pass)")
     a = ap.parse_args()
@@ -248,6 +274,8 @@ def main() -> None:
                 cols.append(f"{r['miou']:.1f}{part} | {r['fbiou']:.1f} | {r['sec_per_episode']:.3f}" if r
                             else "– | – | –")
             print(f"| {label} | " + " | ".join(cols) + " |")
+        if a.analyse:
+            analyse(bench, a.shots, cells, res)
         eps = {res(c[5])["episodes"] for c in cells if c[0] == bench and res(c[5])}
         print(f"\nepisodes per cell: {sorted(eps)}, seed {a.seed}, CPU, 1 thread, nice 15 on a shared machine "
               "(s/ep = median seconds per episode, prepare + segment).")
