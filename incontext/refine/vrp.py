@@ -248,7 +248,8 @@ def load_vrp(checkpoint: str | os.PathLike, sam: nn.Module, *, features_weights:
 
 # ------------------------------------------------------------------------------------------ method
 def _image_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None].float()
+    # torch.tensor copies: the image may be a read-only array (e.g. a cached episode)
+    return torch.tensor(np.asarray(image), device=device).permute(2, 0, 1)[None].float()
 
 
 class VRP(Segmenter):
