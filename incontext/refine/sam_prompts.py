@@ -18,8 +18,9 @@ seeding both with the same episode seed as the released script's ``torch.manual_
 Speed without changing results: the released generator decodes 64 prompt sets per call (SAM's
 decoder copies the 64x64 image embedding per set and is memory bound at that batch size) and
 round-trips every mask through RLE. Here sets are decoded in smaller chunks inside each released
-batch (see ``_chunks``), masks stay boolean (bit-packed until NMS has chosen the survivors), and
-masks that fail a filter are dropped before any per-mask work.
+batch (see ``_chunks``), the decoder's prompt-independent first-block work is done once per image
+(:mod:`incontext.refine.matcher_decoder`), masks stay boolean (bit-packed until NMS has chosen the
+survivors), and masks that fail a filter are dropped before any per-mask work.
 """
 
 from __future__ import annotations
@@ -334,16 +335,23 @@ def _decode(
     input_size: tuple[int, int],
     original_size: tuple[int, int],
     share: bool = False,
+    image_cache: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One SamPredictor.predict_torch call: mask logits at the original size and predicted IoU.
 
     With ``share`` (and SAM's own decoder classes) the decoder runs through
     :func:`incontext.refine.matcher_decoder.decode_masks`, which computes the image-only part of its first block
-    once for all sets (bit-identical outputs)."""
+    once for all sets (bit-identical outputs); ``image_cache`` (a dict kept for all calls on one embedding) makes
+    that once per image."""
     sparse, dense = sam.prompt_encoder(points=(coords, labels), boxes=boxes, masks=None)
     if share and supports_sharing(sam.mask_decoder):
+        if image_cache is None:
+            image_cache = {}
+        if "dense_pe" not in image_cache:
+            image_cache["dense_pe"] = sam.prompt_encoder.get_dense_pe()
         low_res, iou = decode_masks(
-            sam.mask_decoder, embedding, sam.prompt_encoder.get_dense_pe(), sparse, dense, multimask
+            sam.mask_decoder, embedding, image_cache["dense_pe"], sparse, dense, multimask,
+            image_cache=image_cache,
         )
     else:
         low_res, iou = sam.mask_decoder(
@@ -405,12 +413,15 @@ def generate_candidates(
         the filters (the released code raises there).
     """
     acc = _Accumulator()
+    image_cache: dict = {}  # the decoder's prompt-independent work, once for this embedding
     dense_record = dense_points = None
     if settings.use_dense:
         dense_points = grid_points(settings.points_per_side, image_hw)
-        dense_record = decode_grid(sam, embedding, image_hw, settings, acc, on_batch=on_batch)
+        dense_record = decode_grid(
+            sam, embedding, image_hw, settings, acc, on_batch=on_batch, image_cache=image_cache
+        )
     records = decode_prompt_groups(
-        sam, embedding, image_hw, prompt_groups, box, settings, acc, on_batch=on_batch
+        sam, embedding, image_hw, prompt_groups, box, settings, acc, on_batch=on_batch, image_cache=image_cache
     )
     return _nms(acc, settings.box_nms_thresh, image_hw, records, dense_record, dense_points)
 
@@ -436,10 +447,12 @@ def decode_grid(
     *,
     on_batch: Callable[..., None] | None = None,
     batches: list[int] | None = None,
+    image_cache: dict | None = None,
 ) -> GroupRecord:
     """The dense-grid branch: single-point prompts in released batches, the grid filters; survivors go to
     ``acc``. ``batches`` restricts decoding to some released batch indices (tests); records then cover only
-    those rows."""
+    those rows. ``image_cache``: see :func:`_decode` (one per embedding)."""
+    image_cache = {} if image_cache is None else image_cache
     h, w = image_hw
     transform, input_size = _frames(sam, image_hw)
     points = grid_points(settings.points_per_side, image_hw)
@@ -455,7 +468,7 @@ def decode_grid(
         labels = torch.ones(pts.shape[0], dtype=torch.int, device=embedding.device)
         logits, iou = _decode(
             sam, embedding, pts[:, None, :], labels[:, None], None, multimask, input_size, (h, w),
-            share=settings.share_image_work,
+            share=settings.share_image_work, image_cache=image_cache,
         )
         # ... and slices its outputs by its own output_layer but with the *prompted* branch's flag.
         logits, iou, ch0 = _select_outputs(logits, iou, settings.dense_multimask, settings.multimask_output)
@@ -477,8 +490,11 @@ def decode_prompt_groups(
     acc: "_Accumulator",
     *,
     on_batch: Callable[..., None] | None = None,
+    image_cache: dict | None = None,
 ) -> list[GroupRecord]:
-    """The prompted branch: every group in released batches, the prompted filters; survivors go to ``acc``."""
+    """The prompted branch: every group in released batches, the prompted filters; survivors go to ``acc``.
+    ``image_cache``: see :func:`_decode` (one per embedding)."""
+    image_cache = {} if image_cache is None else image_cache
     h, w = image_hw
     transform, input_size = _frames(sam, image_hw)
     device = embedding.device
@@ -497,7 +513,7 @@ def decode_prompt_groups(
             boxes = None if box_t is None else box_t.expand(coords.shape[0], -1)
             logits, iou = _decode(
                 sam, embedding, coords, labels, boxes, settings.multimask_output, input_size, (h, w),
-                share=settings.share_image_work,
+                share=settings.share_image_work, image_cache=image_cache,
             )
             logits, iou, ch0 = _select_outputs(logits, iou, settings.output_layer, settings.multimask_output)
             _finish_batch(
