@@ -40,6 +40,7 @@ from incontext.episode import Instance, Support
 from incontext.errors import InputError
 from incontext.match.bidirectional import MatchResult, bidirectional_match, l2_normalise, patch_foreground
 from incontext.pipeline import BinaryResult, Segmenter, State
+from incontext.refine.allocator import keep_freed_memory
 from incontext.refine.instance_scoring import MetricFilters, Scores, Selection, score_candidates, select, union
 from incontext.refine.sam_prompts import (
     Candidates,
@@ -110,6 +111,8 @@ class Matcher(Segmenter):
         emd_workers: threads for the EMD solves (speed only).
         dinov2_attention: ``"official"`` computes attention like the released DINOv2 copy (explicit softmax,
             bit-identical features); ``"fused"`` uses PyTorch's fused kernel (~1e-6 different).
+        tune_malloc: keep large freed blocks in the process heap (glibc; process-wide, see
+            :mod:`incontext.refine.allocator`): SAM decoding then stops page-faulting its temporaries (speed only).
         name, device, retriever, shots: see ``Segmenter``.
     """
 
@@ -150,6 +153,7 @@ class Matcher(Segmenter):
         decode_chunk: int = 4,
         emd_workers: int = 2,
         dinov2_attention: str = "official",
+        tune_malloc: bool = True,
         name: str = "matcher",
         device: str | torch.device = "cpu",
         retriever: Any = None,
@@ -206,6 +210,9 @@ class Matcher(Segmenter):
             raise InputError(f"dinov2_attention={dinov2_attention!r}; use 'official' or 'fused'")
         self.dinov2_attention = dinov2_attention
         _set_attention(self.dinov2, fused=dinov2_attention == "fused")
+        self.tune_malloc = bool(tune_malloc)
+        if self.tune_malloc:
+            keep_freed_memory()
         self.to(self.device)
 
     def to(self, device: str | torch.device) -> "Matcher":

@@ -87,6 +87,30 @@ def test_prepare_once_segment_many_is_order_independent(fss, photos, tmp_path):
     assert [i.score for i in a1.instances] == [i.score for i in a2.instances]
 
 
+def test_support_features_are_computed_once_per_prepare(fss, photos, monkeypatch):
+    # Caching (issue 5): prepare() pays the supports' DINOv2 pass once; each query then pays one DINOv2 and one
+    # SAM encoder pass, however many queries are segmented against the context.
+    calls = {"dinov2_images": [], "sam": 0}
+    patch_tokens, embed = fss.dinov2.patch_tokens, fss.predictor.embed
+
+    def counting_patch_tokens(x, *a, **k):
+        calls["dinov2_images"].append(int(x.shape[0]))
+        return patch_tokens(x, *a, **k)
+
+    def counting_embed(*a, **k):
+        calls["sam"] += 1
+        return embed(*a, **k)
+
+    monkeypatch.setattr(fss.dinov2, "patch_tokens", counting_patch_tokens)
+    monkeypatch.setattr(fss.predictor, "embed", counting_embed)
+    ctx = fss.prepare([photos["support"]])
+    assert calls == {"dinov2_images": [1], "sam": 0}
+    preds = list(fss.segment_many([photos["q1"], photos["q2"], photos["q1"]], ctx))
+    assert len(preds) == 3
+    assert calls == {"dinov2_images": [1, 1, 1, 1], "sam": 3}
+    np.testing.assert_array_equal(preds[0].mask, preds[2].mask)
+
+
 def test_run_exposes_every_stage(fss, photos):
     img, mask = photos["support"]
     images = resize_image(img, 518)[None]
