@@ -56,6 +56,8 @@ def rows(a: argparse.Namespace, shots: int) -> list[tuple[str, str, list[str]]]:
     ]
     if a.painter is not None:
         out.append(("painter", "painter (generator alone)", ["method=painter", *paint]))
+    if a.persam:
+        out.append(("persam", "PerSAM (SAM alone: location prior + guided decoder)", ["method=persam"]))
     out += [
         ("no_refine", "generalist − refine", [*g, "method.refine=null"]),
         ("proto_sam", "generalist − generate (prototype prior → SAM)",
@@ -213,6 +215,7 @@ def main() -> None:
     ap.add_argument("--sam", default=None, help="SAM folder for refine (default: shipped sam_tiny_synthetic)")
     ap.add_argument("--painter", default=None, nargs="?", const="", help="also the painter rows (checkpoint)")
     ap.add_argument("--painter-member", action="store_true", help="fuse the painter into the generalist")
+    ap.add_argument("--persam", action="store_true", help="also the PerSAM row (the shipped SAM offline)")
     ap.add_argument("--weights", default=None, help="fusion weights, e.g. 'diffusion:0.6,painter:0.4'")
     ap.add_argument("--bank-synthetic", default=None, help="bank for the synthetic retrieval rows")
     ap.add_argument("--bank-folder", default=None, help="bank for the folder-set retrieval rows")
