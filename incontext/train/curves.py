@@ -13,7 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-__all__ = ["PANEL_H", "PANEL_W", "panel", "read_csv", "write_png"]
+__all__ = ["PANEL_H", "PANEL_W", "panel", "read_csv", "write_png", "loss_and_eval", "main"]
 
 PANEL_W, PANEL_H, MARGIN = 520, 360, 56  # panel size and margin (pixels)
 COLOURS = [(200, 70, 30), (40, 150, 40), (30, 60, 200), (150, 40, 150)]  # BGR
@@ -78,3 +78,28 @@ def write_png(img: np.ndarray, out: Path) -> None:
     if not cv2.imwrite(str(tmp), img):
         raise OSError(f"could not write {tmp}")
     tmp.replace(out)
+
+
+def loss_and_eval(run: Path, loss_title: str, eval_title: str, eval_columns: dict[str, str]) -> np.ndarray:
+    """The usual figure of a run folder: training loss (left) and held-out evaluation columns (right, 0-100),
+    side by side, (H, 2W, 3) uint8 BGR. ``eval_columns`` maps legend labels to ``eval.csv`` columns."""
+    tr, ev = read_csv(run / "train.csv"), read_csv(run / "eval.csv")
+    if not tr:
+        raise SystemExit(f"{run / 'train.csv'}: not found or empty; pass a train.py run folder")
+    x_max = float(tr["step"].max())
+    left = panel(loss_title, tr["step"], {"loss": tr.get("loss_avg", tr["loss"])}, None, x_max)
+    series = {label: ev[col] for label, col in eval_columns.items() if col in ev}
+    right = panel(eval_title, ev.get("step", np.zeros(0)), series, (0.0, 100.0), x_max)
+    return np.concatenate([left, right], 1)
+
+
+def main(draw, description: str, argv: list[str] | None = None) -> None:
+    """Command line of the per-model curve scripts: ``<script> RUN_DIR OUT.png``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("run", type=Path, help="train.py out_dir (holds train.csv and eval.csv)")
+    ap.add_argument("out", type=Path, help="PNG to write")
+    args = ap.parse_args(argv)
+    write_png(draw(args.run), args.out)
+    print(f"wrote {args.out}")
