@@ -13,7 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-__all__ = ["PANEL_H", "PANEL_W", "panel", "read_csv", "write_png", "loss_and_eval", "main"]
+__all__ = ["PANEL_H", "PANEL_W", "loss_and_eval", "main", "panel", "read_csv", "write_png"]
 
 PANEL_W, PANEL_H, MARGIN = 520, 360, 56  # panel size and margin (pixels)
 COLOURS = [(200, 70, 30), (40, 150, 40), (30, 60, 200), (150, 40, 150)]  # BGR
