@@ -323,6 +323,48 @@ def _frame(predictor: BatchedSamPredictor) -> dict:
     )
 
 
+def _location(target_sim: torch.Tensor, f: dict):
+    """The location map of the target vector on the predictor's current image features."""
+    return location_map(
+        target_sim,
+        f["features"],
+        img_size=f["img_size"],
+        input_size=f["input_size"],
+        original_size=f["original_size"],
+    )
+
+
+def _last_pass(predictor, f: dict, loc, points, labels, out2, best2: int, passes: list, extras: dict,
+               keep_passes: bool) -> CascadeResult:
+    """Pass 3 of both cascades: the points plus the box of pass 2's chosen mask and its low-res logits as mask
+    input, multimask, argmax IoU; then the result."""
+    box = box_from_mask(out2.high_res(best2) > f["threshold"])
+    if box is None:
+        extras["empty_intermediate_mask"] = "pass2"  # the official script raises here; we drop the box
+    out3 = decode(
+        predictor,
+        points_xy=points,
+        point_labels=labels,
+        box_xyxy=box,
+        mask_input=out2.low_res[best2 : best2 + 1],
+        multimask=True,
+    )
+    best3 = _argmax(out3.iou)
+    if keep_passes:
+        passes.append(PassRecord(points, labels, box, True, out3, best3))
+    logits = out3.high_res(best3)
+    return CascadeResult(
+        logits=logits,
+        mask=logits > f["threshold"],
+        score=float(out3.iou[best3]),
+        points_xy=points,
+        point_labels=labels,
+        location=loc,
+        passes=passes,
+        extras=extras,
+    )
+
+
 def persam_cascade(
     predictor: BatchedSamPredictor,
     *,
@@ -349,13 +391,7 @@ def persam_cascade(
         keep_passes: keep every pass's inputs and outputs in ``passes``.
     """
     f = _frame(predictor)
-    loc = location_map(
-        target_sim,
-        f["features"],
-        img_size=f["img_size"],
-        input_size=f["input_size"],
-        original_size=f["original_size"],
-    )
+    loc = _location(target_sim, f)
     pos, neg = select_points(loc.full)
     points = np.concatenate([pos, neg], axis=0)
     labels = np.array([1, 0], dtype=np.int64)
@@ -385,33 +421,7 @@ def persam_cascade(
     best2 = _argmax(out2.iou)
     if keep_passes:
         passes.append(PassRecord(points, labels, None, True, out2, best2))
-    box = box_from_mask(out2.high_res(best2) > f["threshold"])
-    if box is None:
-        extras["empty_intermediate_mask"] = (
-            "pass2"  # the official script raises here; we drop the box
-        )
-    out3 = decode(
-        predictor,
-        points_xy=points,
-        point_labels=labels,
-        box_xyxy=box,
-        mask_input=out2.low_res[best2 : best2 + 1],
-        multimask=True,
-    )
-    best3 = _argmax(out3.iou)
-    if keep_passes:
-        passes.append(PassRecord(points, labels, box, True, out3, best3))
-    logits = out3.high_res(best3)
-    return CascadeResult(
-        logits=logits,
-        mask=logits > f["threshold"],
-        score=float(out3.iou[best3]),
-        points_xy=points,
-        point_labels=labels,
-        location=loc,
-        passes=passes,
-        extras=extras,
-    )
+    return _last_pass(predictor, f, loc, points, labels, out2, best2, passes, extras, keep_passes)
 
 
 def persam_f_cascade(
@@ -440,13 +450,7 @@ def persam_f_cascade(
         Others as :func:`persam_cascade`.
     """
     f = _frame(predictor)
-    loc = location_map(
-        target_sim,
-        f["features"],
-        img_size=f["img_size"],
-        input_size=f["input_size"],
-        original_size=f["original_size"],
-    )
+    loc = _location(target_sim, f)
     points, _ = select_points(loc.full)
     labels = np.array([1], dtype=np.int64)
     bias = attention_bias(loc.full, tuple(f["features"].shape[-2:])) if attention else None
@@ -487,28 +491,4 @@ def persam_f_cascade(
     best2 = _argmax(out2.iou)
     if keep_passes:
         passes.append(PassRecord(points, labels, box, True, out2, best2))
-    box = box_from_mask(out2.high_res(best2) > f["threshold"])
-    if box is None:
-        extras["empty_intermediate_mask"] = "pass2"
-    out3 = decode(
-        predictor,
-        points_xy=points,
-        point_labels=labels,
-        box_xyxy=box,
-        mask_input=out2.low_res[best2 : best2 + 1],
-        multimask=True,
-    )
-    best3 = _argmax(out3.iou)
-    if keep_passes:
-        passes.append(PassRecord(points, labels, box, True, out3, best3))
-    logits = out3.high_res(best3)
-    return CascadeResult(
-        logits=logits,
-        mask=logits > f["threshold"],
-        score=float(out3.iou[best3]),
-        points_xy=points,
-        point_labels=labels,
-        location=loc,
-        passes=passes,
-        extras=extras,
-    )
+    return _last_pass(predictor, f, loc, points, labels, out2, best2, passes, extras, keep_passes)
