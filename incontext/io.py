@@ -39,6 +39,7 @@ __all__ = [
     "atomic_path",
     "write_mask_png",
     "write_overlay_png",
+    "overlay",
     "write_gray_png",
     "write_json",
     "load_pairs_from_dir",
@@ -834,6 +835,14 @@ def _class_colours(labels: np.ndarray) -> dict[int, tuple[int, int, int]]:
 
 def write_overlay_png(path: str | os.PathLike, image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> None:
     """Write ``image`` (H,W,3) uint8 with ``mask`` (H,W) labels tinted over it (``alpha``) and a 2-px contour."""
+    out = overlay(image, mask, alpha)
+    with atomic_path(path) as tmp:
+        Image.fromarray(out).save(tmp, format="PNG")
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """``image`` (H,W,3) uint8 with ``mask`` (H,W) labels tinted over it (``alpha``) and a 2-px contour, as
+    (H,W,3) uint8 RGB (what ``write_overlay_png`` writes)."""
     img = np.asarray(image)
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
         raise InputError(f"image: overlay needs (H,W,3) uint8, got shape {img.shape} dtype {img.dtype}")
@@ -849,8 +858,7 @@ def write_overlay_png(path: str | os.PathLike, image: np.ndarray, mask: np.ndarr
         out[region] = (1 - alpha) * out[region] + alpha * col
         edge = region & ~binary_erosion(region, iterations=2, border_value=0)
         out[edge] = col
-    with atomic_path(path) as tmp:
-        Image.fromarray(np.clip(np.round(out), 0, 255).astype(np.uint8)).save(tmp, format="PNG")
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
 def write_gray_png(path: str | os.PathLike, array01: np.ndarray) -> None:

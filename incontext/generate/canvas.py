@@ -29,6 +29,7 @@ __all__ = [
     "painter_palette",
     "random_palette",
     "encode_mask",
+    "grey_image",
     "resize_image",
     "resize_labels",
     "to_model",
@@ -106,6 +107,14 @@ def encode_mask(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
     if labels.size and int(labels.max()) >= len(palette):
         raise ValueError(f"label {int(labels.max())} has no colour in a palette of {len(palette)} rows")
     return palette[labels.astype(np.intp)]
+
+
+def grey_image(prob: np.ndarray | torch.Tensor) -> np.ndarray:
+    """(h, w) probability in [0, 1] -> (h, w, 3) uint8 grey image: a soft mask between the binary palette's
+    black (0) and white (1), so it can be resized, tiled and normalised like any image."""
+    p = prob.detach().float().cpu().numpy() if isinstance(prob, torch.Tensor) else np.asarray(prob, np.float32)
+    g = np.clip(np.round(p * 255.0), 0, 255).astype(np.uint8)
+    return np.repeat(g[..., None], 3, axis=-1)
 
 
 # ------------------------------------------------------------------------------------------ resizing

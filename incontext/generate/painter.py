@@ -14,7 +14,11 @@ How an episode is painted (reference note ``seggpt_painter.md``, sections 2-6):
    feature ensemble — only for K >= 2, because transformers' implementation changes a K = 1 output (quirk 1);
    ``ensemble="spatial"`` tiles the K supports (and K copies of the query) n x n inside one cell and averages
    the n x n painted query tiles.
-4. The painted lower half is de-normalised to RGB in [0, 1] and decoded at the query's size: binary -> the
+4. Checkpoints whose config has ``match_prior`` (the shipped ``painter_tiny``; a deviation from SegGPT) also
+   read the training-free matching prior: ``PrototypeMatch`` (handcrafted features) on the episode's images,
+   drawn as a grey soft mask in the query's colour cell instead of mask tokens, so the model repaints a hint
+   rather than inpainting from nothing (see ``painter_task`` for why).
+5. The painted lower half is de-normalised to RGB in [0, 1] and decoded at the query's size: binary -> the
    projection on the black -> white segment (= mean RGB, SegGPT's rule); multi-class -> nearest palette colour
    with softmax scores.
 """
@@ -33,7 +37,8 @@ from incontext.errors import InputError, WeightsNotFoundError
 from incontext.generate import canvas
 from incontext.pipeline import Carry, Pipeline, State
 
-__all__ = ["PainterMethod", "PainterStage", "load_seggpt", "load_seggpt_config", "build_seggpt", "seggpt_config", "paint", "SEGGPT_HUB_ID"]
+__all__ = ["PainterMethod", "PainterStage", "load_seggpt", "load_seggpt_config", "build_seggpt", "seggpt_config",
+           "paint", "prior_matcher", "SEGGPT_HUB_ID"]
 
 SEGGPT_HUB_ID = "BAAI/seggpt-vit-large"
 # Trained here by `python train.py experiment=painter_tiny` and shipped in weights/ (the no-checkpoint default).
@@ -115,6 +120,17 @@ def load_seggpt(checkpoint: str | Path, device: str | torch.device = "cpu") -> t
     return model.eval().to(device)
 
 
+def prior_matcher(config: Any) -> Any:
+    """The ``PrototypeMatch`` a model (or its ``SegGptConfig``) was trained to read, from the config's extra key
+    ``match_prior`` (size, stride, bg_prototypes, temperature, fg_threshold); None for plain SegGPT."""
+    spec = getattr(getattr(config, "config", config), "match_prior", None)
+    if not spec:
+        return None
+    from incontext.generate.diffusion import build_match_stage
+
+    return build_match_stage(dict(spec))
+
+
 # ------------------------------------------------------------------------------------------ painting
 def cell_size(model: Any) -> tuple[int, int]:
     """(h, w) of one canvas cell of a model (or its ``SegGptConfig``): half the stacked canvas height, full
@@ -131,6 +147,7 @@ def paint(
     prompt_images: torch.Tensor,
     prompt_masks: torch.Tensor,
     embedding_type: str = "instance",
+    hint: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Inpaint the query's colour cell from K prompt pairs (feature ensemble when K >= 2).
 
@@ -140,6 +157,8 @@ def paint(
         prompt_images: (K, 3, h, w) model space.
         prompt_masks: (K, 3, h, w) colour-coded masks in model space.
         embedding_type: "instance" (SegGPT's default) or "semantic".
+        hint: optional (3, h, w) model-space colour cell shown in place of the mask tokens (models trained with
+            a ``match_prior``): nothing is masked and the model repaints the hint.
 
     Returns:
         (3, h, w) painted query colours, colour space RGB in [0, 1].
@@ -147,12 +166,18 @@ def paint(
     k = prompt_images.shape[0]
     dev = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
+    extra: dict[str, torch.Tensor] = {}
+    if hint is not None:
+        n = model.model.embeddings.patch_embeddings.num_patches
+        extra = {"labels": hint[None].expand(k, -1, -1, -1).to(dev, dtype),
+                 "bool_masked_pos": torch.zeros(1, n, dtype=torch.bool, device=dev)}
     out = model(
         pixel_values=query[None].expand(k, -1, -1, -1).to(dev, dtype),  # transformers #30196: repeat query
         prompt_pixel_values=prompt_images.to(dev, dtype),
         prompt_masks=prompt_masks.to(dev, dtype),
         feature_ensemble=k >= 2,  # quirk 1: a K = 1 ensemble would still change the output
         embedding_type=embedding_type,
+        **extra,
     )
     h = query.shape[-2]
     return canvas.denormalise(out.pred_masks[0, :, h:].float())
@@ -205,6 +230,7 @@ class PainterStage:
                     "method.checkpoint=...; e.g. a local copy of BAAI/seggpt-vit-large)"
                 )
         self.model = model.to(self.device)
+        self.matcher = prior_matcher(self.model)
         self.ensemble = ensemble
         self.max_shots = None if max_shots is None else int(max_shots)
         self.embedding_type = embedding_type
@@ -226,7 +252,8 @@ class PainterStage:
     # ------------------------------------------------------------------ Stage protocol
     def prepare(self, supports: list[Support]) -> State:
         """Resize the supports to cells once: ``images`` (K, h, w, 3) uint8 and ``masks`` (K, h, w) uint8 0/1
-        (for the spatial ensemble K = 1: the tiled cell, and ``grid`` n)."""
+        (for the spatial ensemble K = 1: the tiled cell, and ``grid`` n); models with a matching prior also get
+        the matcher's prototypes of all K supports (``match``)."""
         if not supports:
             raise InputError("painter: no supports; pass at least one (image, mask) pair")
         sup = supports[: self.max_shots] if self.max_shots else supports
@@ -239,14 +266,21 @@ class PainterStage:
             images = np.stack([canvas.resize_image(s.image, (h, w)) for s in sup])
             masks = np.stack([canvas.resize_labels((s.mask > 0).astype(np.uint8), (h, w)) for s in sup])
             grid = 1
-        return {"images": torch.from_numpy(images), "masks": torch.from_numpy(masks), "grid": grid}
+        state = {"images": torch.from_numpy(images), "masks": torch.from_numpy(masks), "grid": grid}
+        if self.matcher is not None:
+            state["match"] = self.matcher.prepare(
+                [Support.from_arrays(s.image, (s.mask > 0).astype(np.uint8)) for s in sup])
+        return state
 
     def __call__(self, carry: Carry, state: State) -> None:
         """Paint the query and set ``carry.prob`` ((H, W) in [0, 1], query size); the painted RGB cell goes to
         ``carry.extras["painted"]`` ((h', w', 3) uint8) for inspection."""
         grid = int(state.get("grid", 1))
         palette = canvas.binary_palette()
-        rgb = self._paint_cell(carry.query, state["images"], state["masks"], palette, grid, carry.cache)
+        hint = None
+        if self.matcher is not None:  # one prior from all supports, shown on every canvas of the ensemble
+            hint = canvas.grey_image(self.matcher.similarity(carry.query, state["match"], carry.cache))
+        rgb = self._paint_cell(carry.query, state["images"], state["masks"], palette, grid, carry.cache, hint)
         h, w = carry.query.shape[:2]
         carry.prob = canvas.binary_score(rgb, palette[0], palette[1], (h, w))
         carry.extras["painted"] = (rgb.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
@@ -266,6 +300,8 @@ class PainterStage:
             labels: (H, W) uint8 label map in the supports' label values.
             scores: (C + 1, H, W) float32, index 0 = background, index i = i-th sorted support class.
         """
+        if self.matcher is not None:
+            raise InputError("painter: this checkpoint reads a binary matching prior; segment one class at a time")
         sup = list(supports)[: self.max_shots] if self.max_shots else list(supports)
         classes = sorted({c for s in sup for c in s.classes})
         if not classes:
@@ -291,7 +327,7 @@ class PainterStage:
 
     # ------------------------------------------------------------------ internals
     def _paint_cell(self, query: np.ndarray, images: torch.Tensor, masks: torch.Tensor,
-                    palette: np.ndarray, grid: int, cache: dict) -> torch.Tensor:
+                    palette: np.ndarray, grid: int, cache: dict, hint: np.ndarray | None = None) -> torch.Tensor:
         h, w = self.cell
         key = f"painter.query.{h}x{w}.g{grid}"
         if key not in cache:  # shared by every class painted on this query
@@ -299,8 +335,11 @@ class PainterStage:
                 canvas.resize_image(query, (h, w))
             cache[key] = canvas.to_model(cell)
         colours = canvas.encode_mask(masks.cpu().numpy(), palette)
+        if hint is not None:  # the grey prior is laid out exactly like the query cell
+            hint = canvas.to_model(canvas.tile([hint], (h, w), is_mask=False) if grid > 1 else
+                                   canvas.resize_image(hint, (h, w)))
         rgb = paint(self.model, cache[key], canvas.to_model(images.cpu().numpy()),
-                    canvas.to_model(colours), self.embedding_type)
+                    canvas.to_model(colours), self.embedding_type, hint)
         return canvas.untile_mean(rgb, grid) if grid > 1 else rgb
 
 

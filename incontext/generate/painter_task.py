@@ -15,6 +15,12 @@ Per sample (reference note ``seggpt_painter.md`` sections 3-4):
   it enlarges small objects for part of the samples;
 * optional horizontal flip of the whole pair (same flip for prompt and query).
 
+Matching prior (models whose config has ``match_prior``; a deviation from SegGPT): the training-free
+``PrototypeMatch`` runs on the (cropped) prompt and query at their rendered size, and its foreground probability,
+drawn as a grey soft mask, fills the query's colour cell instead of mask tokens; the loss still covers exactly
+that cell. From scratch, the tiny SegGPT on the 960 train classes never left the constant-prior plateau within a
+CPU-hour (issue 8); the diffusion generator, given the same prior as an input, learned in minutes.
+
 Loss: smooth-L1 (beta = ``config.beta``, 0.01 in SegGPT) between painted and true colours in model space, mean
 over the masked pixels of each sample, then mean over samples (equal to transformers' SegGptLoss when every
 sample masks the same number of patches, which this masking guarantees, and batch-size independent so DDP and
@@ -31,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from incontext.episode import Support
 from incontext.generate import canvas
 from incontext.generate.painter import (
     PainterStage,
@@ -38,6 +45,7 @@ from incontext.generate.painter import (
     cell_size,
     load_seggpt,
     load_seggpt_config,
+    prior_matcher,
     seggpt_config,
 )
 from incontext.train.data import TrainItem
@@ -95,6 +103,13 @@ def object_crop(image: np.ndarray, labels: np.ndarray, scale: tuple[float, float
     return image[top : top + side, left : left + side], labels[top : top + side, left : left + side]
 
 
+def _mean_rgb(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) model space -> (B, H, W) mean RGB in colour space, unclipped (the binary score)."""
+    mean = torch.tensor(canvas.IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(3, 1, 1)
+    std = torch.tensor(canvas.IMAGENET_STD, device=x.device, dtype=x.dtype).view(3, 1, 1)
+    return (x * std + mean).mean(1)
+
+
 def masked_smooth_l1(pred: torch.Tensor, target: torch.Tensor, bool_masked_pos: torch.Tensor,
                      patch: int, beta: float, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample (weighted) mean smooth-L1 over masked patches' pixels, averaged over samples.
@@ -136,6 +151,10 @@ class PainterTask:
             object crop and flip: a correspondence warm-up whose answer is always findable by matching
             appearance, the attention path that in-context segmentation needs (from-scratch runs on all train
             classes otherwise stayed on the constant-prior plateau for 1,000+ steps).
+        dice_weight: weight of a soft Dice term on the painted query cell's binary score (mean RGB, SegGPT's
+            decoding rule) against the true mask, beside the smooth-L1 (0 = SegGPT's loss only). Binary colours
+            only (``p_random_colour`` 0). A deviation from SegGPT's recipe: a constant painting (the L2 optimum
+            when nothing is matched yet) scores badly under Dice, whatever the object size.
         embedding_type: type token used in training and evaluation.
         eval_ensemble: k-shot rule of the evaluation segmenter ("feature" or "spatial").
     """
@@ -155,6 +174,7 @@ class PainterTask:
         min_colour_distance: float = 96.0,
         fg_weight: float = 1.0,
         p_self_prompt: float = 0.0,
+        dice_weight: float = 0.0,
         embedding_type: str = "instance",
         eval_ensemble: str = "feature",
     ) -> None:
@@ -169,6 +189,9 @@ class PainterTask:
         self.min_colour_distance = float(min_colour_distance)
         self.fg_weight = float(fg_weight)
         self.p_self_prompt = float(p_self_prompt)
+        self.dice_weight = float(dice_weight)
+        if self.dice_weight > 0 and self.p_random_colour > 0:
+            raise ValueError("dice_weight needs binary colours (p_random_colour=0): the score is mean RGB")
         self.embedding_type = embedding_type
         self.eval_ensemble = eval_ensemble
         config = seggpt_config(self.model_config) if init_checkpoint is None else \
@@ -176,6 +199,9 @@ class PainterTask:
         self.cell = cell_size(config)
         self.patch = int(config.patch_size)
         self.beta = float(config.beta)
+        self._matcher = prior_matcher(config)
+        if self._matcher is not None and self.p_lower_half < 1.0:
+            raise ValueError("a model with match_prior repaints the query cell: set p_lower_half=1.0")
 
     # ------------------------------------------------------------------ TrainTask
     def build_model(self) -> torch.nn.Module:
@@ -201,16 +227,25 @@ class PainterTask:
         else:
             palette = canvas.painter_palette(max(1, len(classes)))
         h, w = self.cell
-        pairs = []
+        pairs, crops = [], []
         for img, lab in ((sup.image, lut[sup.mask]), (item.query, lut[item.query_mask])):
             if self_prompt or (self.p_crop > 0 and rng.random() < self.p_crop):
                 img, lab = object_crop(img, lab, self.crop_scale, rng)
+            crops.append((img, lab))
             pairs.append((canvas.resize_image(img, (h, w)), canvas.resize_labels(lab, (h, w))))
         (p_img, p_lab), (q_img, q_lab) = pairs
+        hint = None
+        if self._matcher is not None:  # on the crops at rendered size, as inference runs it on the full images
+            (pi, pl), (qi, _) = crops
+            with torch.no_grad():
+                state = self._matcher.prepare([Support.from_arrays(pi, (pl > 0).astype(np.uint8))])
+                hint = canvas.resize_image(canvas.grey_image(self._matcher.similarity(qi, state, {})), (h, w))
         if self_prompt and rng.random() < 0.5:  # the two views differ by a flip too
             p_img, p_lab = np.ascontiguousarray(p_img[:, ::-1]), np.ascontiguousarray(p_lab[:, ::-1])
         if rng.random() < self.hflip:
             p_img, q_img, p_lab, q_lab = (np.ascontiguousarray(a[:, ::-1]) for a in (p_img, q_img, p_lab, q_lab))
+            if hint is not None:
+                hint = np.ascontiguousarray(hint[:, ::-1])
         p_col, q_col = canvas.encode_mask(p_lab, palette), canvas.encode_mask(q_lab, palette)
         weight = 1.0 + (self.fg_weight - 1.0) * (np.concatenate([p_lab, q_lab], 0) > 0)
         gh, gw = 2 * h // self.patch, w // self.patch
@@ -220,7 +255,7 @@ class PainterTask:
             bmp[n // 2 :] = True
         else:
             bmp = block_mask((gh, gw), n // 2, rng)
-        return {
+        out = {
             "query": canvas.to_model(q_img),
             "prompt": canvas.to_model(p_img),
             "prompt_mask": canvas.to_model(p_col),
@@ -228,20 +263,35 @@ class PainterTask:
             "bool_masked_pos": torch.from_numpy(bmp),
             "weight": torch.from_numpy(weight.astype(np.float32))[None],
         }
+        if hint is not None:
+            out["hint"] = canvas.to_model(hint)
+        return out
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        hint = batch.get("hint")
         out = model(
             pixel_values=batch["query"],
             prompt_pixel_values=batch["prompt"],
             prompt_masks=batch["prompt_mask"],
-            labels=batch["label"],  # puts the target into the colour stream (masked patches are replaced)
-            bool_masked_pos=batch["bool_masked_pos"],
+            # the colour stream's query cell: the target (masked patches are replaced by mask tokens), or the
+            # prior's grey hint with nothing masked; the loss covers bool_masked_pos either way
+            labels=batch["label"] if hint is None else hint,
+            bool_masked_pos=batch["bool_masked_pos"] if hint is None else
+            torch.zeros_like(batch["bool_masked_pos"]),
             embedding_type=self.embedding_type,
         )
         target = torch.cat([batch["prompt_mask"], batch["label"]], dim=2)
         loss = masked_smooth_l1(out.pred_masks.float(), target.float(), batch["bool_masked_pos"],
                                 self.patch, self.beta, batch.get("weight"))
-        return loss, {}
+        logs: dict[str, float] = {}
+        if self.dice_weight > 0:
+            h = self.cell[0]
+            score = _mean_rgb(out.pred_masks[:, :, h:].float()).clamp(0.0, 1.0).flatten(1)
+            fg = (_mean_rgb(batch["label"].float()) > 0.5).float().flatten(1)
+            dice = 1 - (2 * (score * fg).sum(1) + 1) / (score.sum(1) + fg.sum(1) + 1)
+            loss = loss + self.dice_weight * dice.mean()
+            logs["dice"] = float(dice.detach().mean())
+        return loss, logs
 
     def save_pretrained(self, model: torch.nn.Module, directory: Path) -> None:
         from transformers.utils import logging as hf_logging

@@ -326,3 +326,58 @@ def test_object_crop_keeps_the_object_and_weights_foreground():
     assert set(np.unique(s["weight"].numpy())) == {1.0, 4.0} and s["weight"].shape == (1, 64, 32)
     white = canvas.denormalise(s["label"]).amax(0)
     assert white.max() == pytest.approx(1.0, abs=1e-5) and white.min() == pytest.approx(0.0, abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ matching prior
+PRIOR = dict(size=64, stride=4, bg_prototypes=3, temperature=10.0, fg_threshold=0.5)
+
+
+def test_grey_image_is_a_soft_mask_in_binary_colours():
+    g = canvas.grey_image(torch.tensor([[0.0, 0.5], [1.0, 2.0]]))
+    assert g.dtype == np.uint8 and g.shape == (2, 2, 3)
+    assert g[..., 0].tolist() == [[0, 128], [255, 255]] and (g[..., 0] == g[..., 2]).all()
+
+
+def test_prior_model_repaints_the_matchers_hint(tmp_path):
+    """A checkpoint with ``match_prior`` reads the matcher's prior: the hint fills the query's colour cell and
+    nothing is masked (so the painting changes with the hint), and the config survives save/load."""
+    torch.manual_seed(0)
+    model = build_seggpt({**TINY, "match_prior": PRIOR})
+    model.save_pretrained(str(tmp_path))
+    stage = PainterStage(checkpoint=str(tmp_path))
+    assert stage.matcher is not None and painter_mod.prior_matcher(build_seggpt(TINY)) is None
+    sup = _supports(2)
+    query = sup[1].image
+    carry = Carry(query=query, cache={})
+    state = stage.prepare(sup)
+    stage(carry, state)
+    assert carry.prob.shape == query.shape[:2]
+    # the same call by hand: hint = grey prior of both supports laid out like the query cell
+    prior = stage.matcher.similarity(query, stage.matcher.prepare(sup), {})
+    hint = canvas.to_model(canvas.resize_image(canvas.grey_image(prior), stage.cell))
+    q = canvas.to_model(canvas.resize_image(query, stage.cell))
+    imgs = canvas.to_model(state["images"].numpy())
+    cols = canvas.to_model(canvas.encode_mask(state["masks"].numpy(), canvas.binary_palette()))
+    ref = paint(stage.model, q, imgs, cols, hint=hint)
+    assert torch.allclose(canvas.binary_score(ref, *canvas.binary_palette(), query.shape[:2]), carry.prob)
+    assert not torch.allclose(ref, paint(stage.model, q, imgs, cols, hint=torch.zeros_like(hint)))
+    with pytest.raises(InputError, match="one class at a time"):
+        stage.segment_labels(query, sup)
+
+
+def test_prior_task_sample_and_loss_cover_the_query_cell():
+    from incontext.generate.painter_task import PainterTask
+    from incontext.train.data import TrainItem, stack
+
+    task = PainterTask(model={**TINY, "match_prior": PRIOR}, p_lower_half=1.0, p_random_colour=0.0,
+                       p_crop=0.5, dice_weight=1.0)
+    sup = _supports(2)
+    s = [task.make_sample(TrainItem(sup[1].image, sup[1].mask, [sup[0]]), np.random.default_rng(i))
+         for i in range(2)]
+    assert s[0]["hint"].shape == s[0]["query"].shape and s[0]["bool_masked_pos"][16:].all()
+    loss, logs = task.loss(task.build_model(), stack(s))
+    assert torch.isfinite(loss) and 0.0 <= logs["dice"] <= 1.0
+    with pytest.raises(ValueError, match="p_lower_half"):
+        PainterTask(model={**TINY, "match_prior": PRIOR}, p_lower_half=0.5)
+    with pytest.raises(ValueError, match="binary colours"):
+        PainterTask(model=TINY, p_random_colour=1.0, dice_weight=1.0)

@@ -1,6 +1,7 @@
-"""Proof that the trainer and the painter learn: a short `experiment=painter_tiny_fewclass` run (the painter_tiny
-task on 8 train classes) drives the training loss down and the held-out mIoU (other images of those classes,
-scored by incontext.evaluate) up. Minutes of CPU, so marked slow: `pytest -m slow tests/train`."""
+"""Proof that the trainer and the painter learn: a short `experiment=painter_tiny_fewclass` run (the plain
+SegGPT task, no matching prior, on 8 train classes) drives the training loss down and the held-out mIoU (other
+images of those classes, scored by incontext.evaluate) up. Minutes of CPU, so marked slow:
+`pytest -m slow tests/train`."""
 
 from __future__ import annotations
 
