@@ -6,7 +6,7 @@ Runs ``method=painter`` (the shipped ``weights/painter_tiny`` unless ``--checkpo
 ``--episodes`` 1-shot episodes of ``benchmark=synthetic`` (test classes, seed 0, 224 px: the evaluate command's
 episodes), ranks them by IoU and draws the ``--show`` best and ``--show`` worst, one row each: support with its
 mask | query with the true mask | the matching prior the painter reads (grey) | the painted cell | the
-prediction (IoU in the label).
+prediction (IoU in the label). The PNG is quantised to 128 colours to stay small.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-TILE = 128
+TILE = 112
 
 
 def _tile(rgb: np.ndarray, label: str = "") -> np.ndarray:
@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     from incontext.data.synthetic import SyntheticBenchmark
     from incontext.generate import canvas
     from incontext.io import overlay
-    from incontext.train.curves import write_png
+    from PIL import Image
+
+    from incontext.io import atomic_path
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path)
@@ -68,7 +70,9 @@ def main(argv: list[str] | None = None) -> None:
                   _tile(overlay(ep.query, m.astype(np.uint8)), f"prediction IoU {100 * iou:.0f}")]
         lines.append(np.concatenate(tiles, 1))
     img = np.concatenate(lines, 0)
-    write_png(cv2.cvtColor(img, cv2.COLOR_RGB2BGR), args.out)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(args.out) as tmp:
+        Image.fromarray(img).quantize(colors=128, dither=Image.Dither.NONE).save(tmp, format="PNG", optimize=True)
     print(f"wrote {args.out}; mean IoU over {len(rows)} episodes {100 * np.mean([r[0] for r in rows]):.1f}")
 
 
