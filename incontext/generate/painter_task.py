@@ -155,6 +155,9 @@ class PainterTask:
             decoding rule) against the true mask, beside the smooth-L1 (0 = SegGPT's loss only). Binary colours
             only (``p_random_colour`` 0). A deviation from SegGPT's recipe: a constant painting (the L2 optimum
             when nothing is matched yet) scores badly under Dice, whatever the object size.
+        p_hint_drop: models with a matching prior: probability that a sample's hint is replaced by uniform grey
+            (p = 0.5, "no information"), so the answer must come from the prompt pair (condition dropout, as the
+            diffusion generator's ``p_uncond``). Evaluation always shows the prior.
         embedding_type: type token used in training and evaluation.
         eval_ensemble: k-shot rule of the evaluation segmenter ("feature" or "spatial").
     """
@@ -175,6 +178,7 @@ class PainterTask:
         fg_weight: float = 1.0,
         p_self_prompt: float = 0.0,
         dice_weight: float = 0.0,
+        p_hint_drop: float = 0.0,
         embedding_type: str = "instance",
         eval_ensemble: str = "feature",
     ) -> None:
@@ -190,6 +194,7 @@ class PainterTask:
         self.fg_weight = float(fg_weight)
         self.p_self_prompt = float(p_self_prompt)
         self.dice_weight = float(dice_weight)
+        self.p_hint_drop = float(p_hint_drop)
         if self.dice_weight > 0 and self.p_random_colour > 0:
             raise ValueError("dice_weight needs binary colours (p_random_colour=0): the score is mean RGB")
         self.embedding_type = embedding_type
@@ -240,6 +245,8 @@ class PainterTask:
             with torch.no_grad():
                 state = self._matcher.prepare([Support.from_arrays(pi, (pl > 0).astype(np.uint8))])
                 hint = canvas.resize_image(canvas.grey_image(self._matcher.similarity(qi, state, {})), (h, w))
+            if self.p_hint_drop > 0 and rng.random() < self.p_hint_drop:
+                hint = np.full_like(hint, 128)
         if self_prompt and rng.random() < 0.5:  # the two views differ by a flip too
             p_img, p_lab = np.ascontiguousarray(p_img[:, ::-1]), np.ascontiguousarray(p_lab[:, ::-1])
         if rng.random() < self.hflip:

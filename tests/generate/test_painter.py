@@ -377,6 +377,11 @@ def test_prior_task_sample_and_loss_cover_the_query_cell():
     assert s[0]["hint"].shape == s[0]["query"].shape and s[0]["bool_masked_pos"][16:].all()
     loss, logs = task.loss(task.build_model(), stack(s))
     assert torch.isfinite(loss) and 0.0 <= logs["dice"] <= 1.0
+    dropped = PainterTask(model={**TINY, "match_prior": PRIOR}, p_lower_half=1.0, p_random_colour=0.0,
+                          p_hint_drop=1.0).make_sample(TrainItem(sup[1].image, sup[1].mask, [sup[0]]),
+                                                       np.random.default_rng(0))
+    grey = canvas.denormalise(dropped["hint"])
+    assert torch.allclose(grey, torch.full_like(grey, 128 / 255), atol=1e-5)  # uniform grey: "no prior"
     with pytest.raises(ValueError, match="p_lower_half"):
         PainterTask(model={**TINY, "match_prior": PRIOR}, p_lower_half=0.5)
     with pytest.raises(ValueError, match="binary colours"):
