@@ -11,6 +11,11 @@ Prints mean IoU (x 100, per episode, 224 px test-split episodes, seed 0) of the 
   against its true mask, decoded exactly as the head's tokens are (SAM frozen): can the frozen decoder be driven
   to this mask by sparse tokens at all?
 * ``1 click``: SAM's own point prompt at the centre of the target's largest component (single-mask output).
+
+For a ``prior_click`` head (the shipped one since issue 12) also:
+
+* ``head's click only``: the head's click (at its location map's maximum) without the learned tokens;
+* ``location max on target (%)``: how often that click's cell lies on the target (cell coverage >= 0.5).
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     sam = model.sam
     bench = SyntheticBenchmark(split="test", size=224, shots=1, episodes=args.episodes, seed=0)
     rows: dict[str, list[float]] = {"head": [], "head, support = query": [], "free tokens": [], "1 click": []}
+    if model.head.config.prior_click:
+        rows |= {"head's click only": [], "location max on target (%)": []}
     for i in range(args.episodes):
         ep = bench.episode(i)
         q, gt = ep.episode.query, ep.target == 1
@@ -54,6 +61,17 @@ def main(argv: list[str] | None = None) -> None:
         x = torch.from_numpy(q).permute(2, 0, 1)[None].float()
         _, emb = model.encode(x)
         tgt = torch.from_numpy(gt.astype(np.float32))[None, None]
+        if model.head.config.prior_click:
+            s_img = torch.from_numpy(ep.episode.supports[0].image).permute(2, 0, 1)[None].float()
+            s_ann = torch.from_numpy((ep.episode.supports[0].mask > 0).astype(np.float32))[None, None]
+            with torch.no_grad():
+                maps, _ = model.encode(x)
+                _, loc = model.prompts(maps, [model.support_side(s_img, s_ann)], with_location=True)
+                logits = F.interpolate(model.decode(emb, model.click(loc)), size, mode="bilinear",
+                                       align_corners=False)
+            rows["head's click only"].append(_iou(logits[0, 0].numpy() > 0, gt))
+            cover = F.adaptive_avg_pool2d(tgt, loc.shape[-2:]).flatten()
+            rows["location max on target (%)"].append(float(cover[loc.flatten().argmax()] >= 0.5))
         torch.manual_seed(i)
         tok = torch.randn(1, model.head.config.num_queries, model.head.config.hidden, requires_grad=True)
         opt = torch.optim.Adam([tok], 3e-2)
@@ -78,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
             rows["1 click"].append(_iou(logits[0, 0].numpy() > 0, gt))
     print(f"checkpoint: {method.checkpoint}; {args.episodes} test episodes (seed 0), mean per-episode IoU x 100")
     for k, v in rows.items():
-        print(f"  {k:24s} {100 * np.mean(v):6.1f}")
+        print(f"  {k:28s} {100 * np.mean(v):6.1f}")
 
 
 if __name__ == "__main__":

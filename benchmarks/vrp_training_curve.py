@@ -2,7 +2,8 @@
 
     python benchmarks/vrp_training_curve.py runs/vrp_tiny weights/vrp_tiny/training_curve.png
 
-Left panel: training loss (BCE + Dice, mean over each logging window) against step. Right panel: the periodic
+Left panel: training loss (BCE + Dice, + the location BCE of a ``prior_click`` head; mean over each logging
+window) against step. Right panel: the periodic
 held-out evaluation (1-shot mIoU x 100 on test-split classes, mask annotations) against step.
 """
 
@@ -17,7 +18,7 @@ from incontext.train import curves
 
 def draw(run: Path) -> np.ndarray:
     """Both panels side by side, (H, 2W, 3) uint8 BGR."""
-    return curves.loss_and_eval(run, "training loss (BCE + Dice)", "held-out classes (100 episodes, seed 1)",
+    return curves.loss_and_eval(run, "training loss (BCE + Dice + location)", "held-out classes (100 episodes, seed 1)",
                                 {"1-shot mIoU": "miou"})
 
 

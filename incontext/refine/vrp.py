@@ -8,8 +8,15 @@ section 3): no monkey-patching, the decoder runs on per-sample image embeddings 
 Images: resized to a square (aspect not kept, as the released code) at the backbone's and SAM's input sizes, no
 padding; the decoder's low-res logits are resized bilinearly to the query's size; mask = logit > 0.
 
+Two options of the head (``VrpHeadConfig``), used by the shipped ``vrp_tiny`` and not in the released code:
+``position_values`` (SAM's image PE in the query values) and ``prior_click`` (SAM's own tokens of one positive
+click at the arg-max of a learned, prior-initialised location map, placed before the learned prompts; see
+:meth:`VrpSam.click`). On the tiny SAM trained here the released layout (50 position-free tokens) did not learn
+(issue 12): that decoder was trained with at most a few sparse tokens, and 50 extra tokens swamp it.
+
 k shots: the per-shot prompt embeddings are concatenated into one decoder call (``kshot="concat"``, the released
-``predict_mask_nshot``); ``kshot="mean"`` averages the shots' embeddings instead (not in the paper).
+``predict_mask_nshot``); ``kshot="mean"`` averages the shots' embeddings instead (not in the paper; a
+``prior_click`` head then places one click at the maximum of the shots' mean location map).
 
 Prepare once, segment many: ``prepare()`` stores each shot's support side (merged support tokens, prototype,
 masked high-level features), so a saved concept needs neither the support images nor the backbone pass again.
@@ -141,12 +148,50 @@ class VrpSam(nn.Module):
         maps, _ = self.encode(images, annotations)
         return self.head.support_side(maps.mid, maps.high, annotations)
 
-    def prompts(self, query_maps: Any, sides: Sequence[SupportSide]) -> torch.Tensor:
-        """(B, k * num_queries, C) for "concat" or (B, num_queries, C) for "mean"."""
-        per_shot = [self.head.query_side(query_maps.mid, query_maps.high, s) for s in sides]
+    def click(self, location: torch.Tensor) -> torch.Tensor:
+        """(B, 1, h, w) location logits -> SAM's own prompt tokens for one positive click at the centre of the
+        arg-max cell (the prompt encoder adds its padding point, as for any click without a box): (B, 2, C)."""
+        b, _, h, w = location.shape
+        k = location.flatten(1).argmax(1)
+        s = float(self.sam_size)
+        xy = torch.stack([(k % w + 0.5) * s / w, (k // w + 0.5) * s / h], 1).float()[:, None]
+        labels = torch.ones(b, 1, dtype=torch.int, device=location.device)
+        sparse, _ = self.sam.prompt_encoder(points=(xy, labels), boxes=None, masks=None)
+        return sparse
+
+    def prompts(self, query_maps: Any, sides: Sequence[SupportSide],
+                with_location: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(B, k * T, C) for "concat" or (B, T, C) for "mean", T = num_queries (+ 2 click tokens for a
+        ``prior_click`` head); with ``with_location`` also the shots' mean (B, 1, h, w) location logits."""
+        pe = None
+        cfg = self.head.config
+        if cfg.position_values:  # SAM's image PE on the head's grid (the decoder's positional code)
+            pe = self.sam.prompt_encoder.get_dense_pe()
+            if tuple(pe.shape[-2:]) != tuple(query_maps.mid.shape[-2:]):
+                pe = F.interpolate(pe, query_maps.mid.shape[-2:], mode="bilinear", align_corners=False)
+        per_shot, locs = [], []
+        for s in sides:
+            if cfg.prior_click:
+                tok, loc = self.head.query_side(query_maps.mid, query_maps.high, s, pe, with_location=True)
+                locs.append(loc)
+            else:
+                tok = self.head.query_side(query_maps.mid, query_maps.high, s, pe)
+            per_shot.append(tok)
+        loc = torch.stack(locs).mean(0) if locs else None
         if self.kshot == "mean":
-            return torch.stack(per_shot).mean(0)
-        return torch.cat(per_shot, 1)
+            out = torch.stack(per_shot).mean(0)
+            if loc is not None:  # one click at the maximum of the shots' mean location map
+                out = torch.cat([self.click(loc.detach()), out], 1)
+        elif loc is not None:  # each shot's click before its prompts
+            # the click's position is an arg-max (no gradient); ``loc`` learns through the location loss
+            out = torch.cat([t for tok, lc in zip(per_shot, locs) for t in (self.click(lc.detach()), tok)], 1)
+        else:
+            out = torch.cat(per_shot, 1)
+        if not with_location:
+            return out
+        if loc is None:
+            raise InputError("VRP: location logits need a head built with prior_click=True")
+        return out, loc
 
     def decode(self, embedding: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
         """SAM's decoder with ``prompts`` as the sparse tokens (no points/boxes, the "no mask" dense embedding),
@@ -162,22 +207,28 @@ class VrpSam(nn.Module):
         return low[:, :1]
 
     # ------------------------------------------------------------------ training forward
-    def forward(self, query: torch.Tensor, supports: torch.Tensor, annotations: torch.Tensor) -> torch.Tensor:
+    def forward(self, query: torch.Tensor, supports: torch.Tensor, annotations: torch.Tensor,
+                with_location: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits at the query tensor's size.
 
         Args:
             query: (B, 3, H, W) float RGB 0..255.
             supports: (B, k, 3, H', W'); annotations: (B, k, 1, H', W') 0/1.
+            with_location: also return the location logits of a ``prior_click`` head (for its loss).
 
         Returns:
-            (B, 1, H, W) mask logits (bilinear from the decoder's low-res output).
+            (B, 1, H, W) mask logits (bilinear from the decoder's low-res output) [, (B, 1, h, w) location logits].
         """
         maps, emb = self.encode(query)
         if emb is None:
             emb = self.sam_embedding(query)
         sides = [self.support_side(supports[:, j], annotations[:, j]) for j in range(supports.shape[1])]
-        low = self.decode(emb, self.prompts(maps, sides))
-        return F.interpolate(low, query.shape[-2:], mode="bilinear", align_corners=False)
+        if with_location:
+            prompts, loc = self.prompts(maps, sides, with_location=True)
+        else:
+            prompts, loc = self.prompts(maps, sides), None
+        logits = F.interpolate(self.decode(emb, prompts), query.shape[-2:], mode="bilinear", align_corners=False)
+        return (logits, loc) if with_location else logits
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -259,8 +310,9 @@ class VRP(Segmenter):
         sam: the frozen SAM (``BatchedSamPredictor``; ``configs/backbone/sam_*.yaml``).
         checkpoint: head folder; None = the shipped ``weights/vrp_tiny``.
         model: a live ``VrpSam`` instead of a checkpoint (the trainer's periodic evaluation).
-        head: ``VrpHeadConfig`` keys for a randomly initialised head (tests); with ``mid_blocks``.
+        head: ``VrpHeadConfig`` keys for a randomly initialised head (tests); with ``mid_blocks``, ``prior``.
         mid_blocks: SAM-encoder blocks of a random head's mid-level features.
+        prior: features of a random head's cosine prior ("neck" or "mid", see ``SamEncoderVrpFeatures``).
         features_weights: ResNet-50 file for a head trained with the ResNet backbone.
         annotation: how the supports are annotated: "mask", "box" (filled tight box) or "points".
         points, point_radius: the point condition (see ``annotation_mask``; the paper uses 20 points at test).
@@ -278,6 +330,7 @@ class VRP(Segmenter):
         model: VrpSam | None = None,
         head: Mapping[str, Any] | None = None,
         mid_blocks: Sequence[int] = (1, 3),
+        prior: str = "neck",
         features_weights: str | None = None,
         annotation: str = "mask",
         points: int = 20,
@@ -304,7 +357,7 @@ class VRP(Segmenter):
         elif head is not None:
             from incontext.refine.vrp_features import SamEncoderVrpFeatures
 
-            feats = SamEncoderVrpFeatures(sam.model, mid_blocks)
+            feats = SamEncoderVrpFeatures(sam.model, mid_blocks, prior)
             cfg = head_config({"mid_channels": feats.mid_channels,
                                "hidden": int(sam.model.prompt_encoder.embed_dim), **dict(head)})
             self.model, self.checkpoint = VrpSam(VrpHead(cfg), sam.model, feats, kshot or "concat"), "random"

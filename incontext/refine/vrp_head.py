@@ -54,6 +54,7 @@ ANNOTATIONS = ("mask", "box", "points")
 MASK_SCALE = 10.0  # the released encoder multiplies the mask / prior channels by 10 before ``merge``
 PROTO_EPS = 5e-4  # masked-average denominator offset (released code)
 COS_EPS = 1e-7  # cosine-similarity eps of the prior (released code)
+LOCATION_BIAS = -3.0  # initial location-logit bias of a prior_click head (log-odds of ~5 % foreground)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,14 @@ class VrpHeadConfig:
         num_queries: learned prompt embeddings (released: 50).
         heads: attention heads (released: 4).
         dropout: Dropout2d after ``reduce`` (released: 0.5).
+        position_values: add the positional encoding the caller passes (SAM's image PE) to the *values* of
+            the query cross-attention, so a prompt that attends to a query cell carries that cell's position in
+            the decoder's own positional code, like a point prompt (not in the released code, whose values are
+            position-free; see ``VrpHead.query_side``).
+        prior_click: also return a location map (the prior standardised per image times a learned scale, plus a
+            learned 1x1 conv of the merged query tokens, zero weights at init so it starts as the prior) whose
+            arg-max cell the caller turns into one SAM positive click placed before the learned prompts (not in
+            the released code; see ``VrpSam.prompts``).
     """
 
     mid_channels: int
@@ -73,6 +82,8 @@ class VrpHeadConfig:
     num_queries: int = 50
     heads: int = 4
     dropout: float = 0.5
+    position_values: bool = False
+    prior_click: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden % 4 or self.hidden % self.heads:
@@ -156,6 +167,13 @@ class VrpHead(nn.Module):
         self.self_1 = _Block(c, config.heads)
         self.query_cross = _Block(c, config.heads)
         self.self_2 = _Block(c, config.heads)
+        if config.prior_click:
+            self.locate = nn.Conv2d(c, 1, 1)
+            nn.init.zeros_(self.locate.weight)
+            # Adam moves a parameter ~lr per step, so the location logits start at a sensible scale: prior
+            # z-scores (unit scale) and a bias at the log-odds of a ~5 % foreground
+            nn.init.constant_(self.locate.bias, LOCATION_BIAS)
+            self.prior_scale = nn.Parameter(torch.ones(()))
         # Released decoder: each attention layer resets its own matrices with xavier-uniform; the learned queries
         # (an nn.Embedding outside those layers) keep PyTorch's N(0, 1) init.
         for blk in (self.support_cross, self.self_1, self.query_cross, self.self_2):
@@ -193,15 +211,22 @@ class VrpHead(nn.Module):
             p = F.interpolate(p, size, mode="bilinear", align_corners=True)
         return p
 
-    def query_side(self, mid: torch.Tensor, high: torch.Tensor, support: SupportSide) -> torch.Tensor:
+    def query_side(self, mid: torch.Tensor, high: torch.Tensor, support: SupportSide,
+                   value_pe: torch.Tensor | None = None,
+                   with_location: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Prompt embeddings for one shot.
 
         Args:
             mid: (B, Cm, h, w) mid-level query features; high: (B, Ch, h', w') high-level query features.
             support: that shot's :class:`SupportSide` (batch B, or 1 to broadcast over the queries).
+            value_pe: (1, C, h, w) positional encoding added to the query values when
+                ``config.position_values`` (required then): with SAM's image PE, a prompt attending to one cell
+                becomes a "soft click" there, which the frozen decoder already understands; with position-free
+                values (released) the prompts can only say *what* to segment, not *where*.
+            with_location: also return the (B, 1, h, w) location logits (``config.prior_click`` heads).
 
         Returns:
-            (B, num_queries, C) prompt embeddings (SAM sparse-prompt tokens).
+            (B, num_queries, C) prompt embeddings (SAM sparse-prompt tokens) [, location logits].
         """
         b = mid.shape[0]
         feat = self.reduce(mid)
@@ -215,13 +240,26 @@ class VrpHead(nn.Module):
         x = self.queries.weight[None].expand(b, -1, -1)
         x = self.support_cross(x, sk + pe, sk)
         x = self.self_1(x, x, x)
-        x = self.query_cross(x, qk + pe, qk)
-        return self.self_2(x, x, x)
+        qv = qk
+        if self.config.position_values:
+            if value_pe is None:
+                raise InputError("VRP head: position_values=True needs value_pe (the SAM's image PE)")
+            qv = qk + value_pe.flatten(2).transpose(1, 2)
+        x = self.query_cross(x, qk + pe, qv)
+        x = self.self_2(x, x, x)
+        if not with_location:
+            return x
+        if not self.config.prior_click:
+            raise InputError("VRP head: with_location needs a head built with prior_click=True")
+        z = (prior - prior.mean((2, 3), keepdim=True)) / (prior.std((2, 3), keepdim=True) + COS_EPS)
+        return x, self.prior_scale * z + self.locate(q_tokens)
 
     def forward(self, query_mid: torch.Tensor, query_high: torch.Tensor, support_mid: torch.Tensor,
-                support_high: torch.Tensor, annotation: torch.Tensor) -> torch.Tensor:
+                support_high: torch.Tensor, annotation: torch.Tensor,
+                value_pe: torch.Tensor | None = None) -> torch.Tensor:
         """One shot end to end: (B, num_queries, C) prompt embeddings."""
-        return self.query_side(query_mid, query_high, self.support_side(support_mid, support_high, annotation))
+        return self.query_side(query_mid, query_high, self.support_side(support_mid, support_high, annotation),
+                               value_pe)
 
 
 # ------------------------------------------------------------------------------------------ annotations

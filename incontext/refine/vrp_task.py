@@ -20,12 +20,13 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from incontext.errors import InputError
-from incontext.refine.vrp import VRP, VrpSam, bce_dice_loss, save_vrp
+from incontext.refine.vrp import KSHOT_MODES, VRP, VrpSam, bce_dice_loss, save_vrp
 from incontext.refine.vrp_features import SamEncoderVrpFeatures
-from incontext.refine.vrp_head import ANNOTATIONS, VrpHead, annotation_mask, head_config
+from incontext.refine.vrp_head import ANNOTATIONS, VrpHead, annotation_mask, grid_mask, head_config
 from incontext.train.data import TrainItem
 
 __all__ = ["VrpTask"]
@@ -51,10 +52,15 @@ class VrpTask:
         head: ``VrpHeadConfig`` keys except ``mid_channels`` (taken from the backbone) and ``hidden`` (the SAM's
             prompt width).
         mid_blocks: SAM-encoder blocks forming the mid-level features.
+        prior: SAM-encoder features of the cosine prior, "neck" or "mid" (see ``SamEncoderVrpFeatures``).
+        location_weight: weight of the location loss of a ``prior_click`` head (BCE of its location logits
+            against the fraction of each feature cell the query's target covers).
         annotation_probs: probabilities of the mask / box / points condition per sample.
         max_points: point condition draws 1..max_points pixels; point_radius: see ``annotation_mask``.
         eval_annotation: the annotation of the periodic evaluation.
         init_checkpoint: a head folder to start from.
+        kshot: the k-shot mode written to config.json ("concat" or "mean", see ``incontext.refine.vrp``); training
+            itself is 1-shot, so it only sets what ``method=vrp`` does with several shots by default.
         name: recorded in config.json.
     """
 
@@ -70,11 +76,14 @@ class VrpTask:
         features_size: int = 512,
         size: int | None = None,
         mid_blocks: Sequence[int] = (1, 3),
+        prior: str = "neck",
+        location_weight: float = 1.0,
         annotation_probs: Sequence[float] = (1.0, 0.0, 0.0),
         max_points: int = 20,
         point_radius: float = 0.02,
         eval_annotation: str = "mask",
         init_checkpoint: str | None = None,
+        kshot: str = "concat",
         name: str = "vrp_tiny",
     ) -> None:
         self.sam_folder = sam
@@ -90,6 +99,8 @@ class VrpTask:
             if k in self.head_kw:
                 raise InputError(f"task.head.{k}: set by the SAM / backbone; remove it")
         self.mid_blocks = tuple(int(i) for i in mid_blocks)
+        self.prior = prior
+        self.location_weight = float(location_weight)
         p = np.asarray(annotation_probs, np.float64)
         if p.shape != (len(ANNOTATIONS),) or (p < 0).any() or p.sum() <= 0:
             raise InputError(f"task.annotation_probs: {list(annotation_probs)}; pass {len(ANNOTATIONS)} "
@@ -101,6 +112,9 @@ class VrpTask:
             raise InputError(f"task.eval_annotation: {eval_annotation!r}; pass one of {', '.join(ANNOTATIONS)}")
         self.eval_annotation = eval_annotation
         self.init_checkpoint = init_checkpoint
+        if kshot not in KSHOT_MODES:
+            raise InputError(f"task.kshot: {kshot!r}; pass one of {', '.join(KSHOT_MODES)}")
+        self.kshot = kshot
         self.model_name = name
         self._sam_name = "sam"
 
@@ -121,7 +135,7 @@ class VrpTask:
 
             return ResNetVrpFeatures(self.features_weights, image_size=self.features_size,
                                      weights_key="task.features_weights")
-        return SamEncoderVrpFeatures(sam, self.mid_blocks)
+        return SamEncoderVrpFeatures(sam, self.mid_blocks, self.prior)
 
     # ------------------------------------------------------------------ TrainTask
     def build_model(self) -> VrpSam:
@@ -129,11 +143,12 @@ class VrpTask:
         if self.init_checkpoint is not None:
             from incontext.refine.vrp import load_vrp
 
-            return load_vrp(self.init_checkpoint, sam, features_weights=self.features_weights)[0].train()
+            return load_vrp(self.init_checkpoint, sam, features_weights=self.features_weights,
+                            kshot=self.kshot)[0].train()
         feats = self._features(sam)
         cfg = head_config({"mid_channels": feats.mid_channels, "hidden": int(sam.prompt_encoder.embed_dim),
                            **self.head_kw})
-        return VrpSam(VrpHead(cfg), sam, feats).train()
+        return VrpSam(VrpHead(cfg), sam, feats, kshot=self.kshot).train()
 
     def make_sample(self, item: TrainItem, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         """``query`` (3, H, W) and ``support`` (1, 3, H', W') float 0..255, ``annotation`` (1, 1, H', W') 0/1,
@@ -161,9 +176,19 @@ class VrpTask:
         }
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        logits = model(batch["query"], batch["support"], batch["annotation"])
-        bce, dice = bce_dice_loss(logits.float(), batch["target"].float())
-        return bce + dice, {"bce": float(bce.detach()), "dice": float(dice.detach())}
+        args = (batch["query"], batch["support"], batch["annotation"])
+        target = batch["target"].float()
+        if not _unwrap(model).head.config.prior_click:
+            logits = model(*args)
+            bce, dice = bce_dice_loss(logits.float(), target)
+            return bce + dice, {"bce": float(bce.detach()), "dice": float(dice.detach())}
+        logits, loc = model(*args, with_location=True)
+        bce, dice = bce_dice_loss(logits.float(), target)
+        # location map vs the fraction of each feature cell the target covers (where the click should go)
+        cover = grid_mask(target, loc.shape[-2:])
+        loc_loss = F.binary_cross_entropy_with_logits(loc.float(), cover)
+        total = bce + dice + self.location_weight * loc_loss
+        return total, {"bce": float(bce.detach()), "dice": float(dice.detach()), "location": float(loc_loss.detach())}
 
     def save_pretrained(self, model: nn.Module, directory: Path) -> None:
         save_vrp(_unwrap(model), directory, sam_name=self._sam_name,
