@@ -5,9 +5,11 @@ trained in this project.
 ``configs/backbone/dinov2_*.yaml`` node can be merged into it): with a configured path, explicit sizes, ``weights
 =random`` or a released checkpoint found locally it returns exactly what ``build_dinov2`` returns. Only when the
 config leaves ``weights`` unset and no released DINOv2 file exists locally does it print one line on stderr and
-return the image encoder of the shipped ``sam_tiny_synthetic`` (trained here, see
-:mod:`incontext.backbones.sam_shipped`) on DINOv2's patch grid (:class:`GridSamFeatures`) - never a randomly
-initialised DINOv2. When the shipped folder is missing too, ``build_dinov2``'s own "not found" error is raised.
+return patch features trained here - never a randomly initialised DINOv2: the shipped ``patch_encoder_tiny``
+(:mod:`incontext.features.learned`, trained to match a support's object to its class in a query) when it is
+there, else the image encoder of the shipped ``sam_tiny_synthetic`` (:mod:`incontext.backbones.sam_shipped`) on
+DINOv2's patch grid (:class:`GridSamFeatures`). When neither folder is shipped, ``build_dinov2``'s own "not
+found" error is raised.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ import torch.nn.functional as F
 
 from incontext.backbones.dinov2 import build_dinov2
 from incontext.backbones.sam_shipped import SHIPPED_NAME, SamEncoderFeatures, build_shipped_sam, shipped_dir
-from incontext.backbones.weights import KNOWN_WEIGHTS, find
+from incontext.backbones.weights import KNOWN_WEIGHTS, find, search_dirs, shipped
 from incontext.errors import InputError
+from incontext.features.learned import SHIPPED_NAME as LEARNED_NAME
+from incontext.features.learned import LearnedPatchFeatures
 
 __all__ = ["GridSamFeatures", "build_default_dinov2"]
 
@@ -91,19 +95,26 @@ def build_default_dinov2(
     Args:
         name, arch, weights, device, weights_key, **dinov2_kwargs: as :func:`build_dinov2`.
         work_size: Matcher's working size the fallback features are laid out for (518 = 37 x 14 px).
-        fallback: ``"sam_tiny_synthetic"`` (default) or ``None`` to get ``build_dinov2``'s error instead.
+        fallback: any true value (default) = the offline fallback of the module docstring; ``None`` to get
+            ``build_dinov2``'s error instead.
     """
+    learned = shipped(LEARNED_NAME, search_dirs())
     if (weights is None and arch is None and fallback and name in KNOWN_WEIGHTS
-            and KNOWN_WEIGHTS[name].family == "dinov2" and shipped_dir() is not None):
+            and KNOWN_WEIGHTS[name].family == "dinov2" and (learned is not None or shipped_dir() is not None)):
         found, looked = find(name)
         if found is None:
             patch = 14  # every released DINOv2 (dinov2_vit{s,b,l,g}14[_reg]) is a ViT/14
-            feats = GridSamFeatures(build_shipped_sam(device=device), work_size=work_size, patch_size=patch)
+            if learned is not None:
+                feats = LearnedPatchFeatures(learned, work_size=work_size, patch_size=patch, device=device)
+                what = f"the shipped {LEARNED_NAME} (a patch encoder trained here on procedural scenes)"
+            else:
+                feats = GridSamFeatures(build_shipped_sam(device=device), work_size=work_size, patch_size=patch)
+                what = (f"the image encoder of the shipped {SHIPPED_NAME} (trained here on procedural scenes, "
+                        f"{feats.sam_grid}x{feats.sam_grid} tokens resampled to {feats.grid}x{feats.grid})")
             if name not in _announced:
                 _announced.add(name)
                 print(f"incontext: no {name} checkpoint found locally (looked in {len(looked)} places); patch "
-                      f"features = the image encoder of the shipped {SHIPPED_NAME} (trained here on procedural "
-                      f"scenes, {feats.sam_grid}x{feats.sam_grid} tokens resampled to {feats.grid}x{feats.grid}) "
-                      f"- set {weights_key}=<path to the official file> for DINOv2", file=sys.stderr)
+                      f"features = {what} - set {weights_key}=<path to the official file> for DINOv2",
+                      file=sys.stderr)
             return feats
     return build_dinov2(name, arch=arch, weights=weights, device=device, weights_key=weights_key, **dinov2_kwargs)

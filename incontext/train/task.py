@@ -58,6 +58,7 @@ class TrainTask(Protocol):
 # ``task._target_``; this table is for listing and for error messages.
 TASKS: dict[str, str] = {
     "painter": "incontext.generate.painter_task.PainterTask",
+    "patch_encoder": "incontext.features.learned_task.PatchEncoderTask",
     "sam": "incontext.train.sam_task.SamTask",
     "vrp": "incontext.refine.vrp_task.VrpTask",
 }

@@ -1,4 +1,5 @@
-"""Matcher's offline patch features: DINOv2 when found or configured, else the shipped SAM's encoder, said once."""
+"""Matcher's offline patch features: DINOv2 when found or configured, else the shipped patch encoder or the shipped
+SAM's encoder, said once."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ ARCH = SamArch(image_size=64, vit_patch_size=8, encoder_embed_dim=32, encoder_de
 def places(tmp_path, monkeypatch):
     """Search places = one folder; no released DINOv2 file is ever found there."""
     monkeypatch.setattr(shipped, "search_dirs", lambda: [tmp_path / "w"])
+    monkeypatch.setattr(dd, "search_dirs", lambda: [tmp_path / "w"])
     monkeypatch.setattr(dd, "find", lambda name, path=None: (None, [str(tmp_path / "w" / f"{name}.pth")]))
     monkeypatch.setattr(dd, "_announced", set())
     return tmp_path / "w"
@@ -75,3 +77,19 @@ def test_matcher_configs_use_the_offline_defaults():
         assert node.sam._target_.endswith("build_default_sam") and node.sam.name == "sam_vit_h"
     for name in ("persam", "persam_f"):
         assert compose_method(name).sam._target_.endswith("build_default_sam")
+
+
+def test_fallback_prefers_the_shipped_patch_encoder(places, capsys):
+    from incontext.features.learned import SHIPPED_NAME as LEARNED
+    from incontext.features.learned import LearnedPatchFeatures, PatchEncoder, PatchEncoderConfig
+
+    torch.manual_seed(0)
+    save_sam_folder(build_sam_model(ARCH), ARCH, places / shipped.SHIPPED_NAME)
+    enc = PatchEncoder(PatchEncoderConfig(grid=37, stem=(4, 4), width=8, dilations=(1,), dim=8))
+    enc.save_pretrained(places / LEARNED)
+    feats = dd.build_default_dinov2("dinov2_vitl14", weights_key="dinov2.weights")
+    assert isinstance(feats, LearnedPatchFeatures) and feats.grid == 37 and feats.patch_size == 14
+    imgs = np.random.default_rng(0).integers(0, 255, (1, 518, 518, 3), dtype=np.uint8)
+    assert feats.patch_tokens(feats.normalize(imgs))["prenorm"].shape == (1, 37 * 37, 8)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and LEARNED in err[0] and "dinov2.weights" in err[0]
