@@ -143,7 +143,8 @@ def shipped(name: str, dirs: list[Path] | None = None) -> Path | None:
     """The first ``<dir>/<name>`` folder holding ``config.json`` + ``model.safetensors`` in :func:`search_dirs`.
 
     The project ships the checkpoints it trains itself (``weights/sam_tiny_synthetic``, ``weights/painter_tiny``,
-    ``weights/diffusion_tiny``, ``weights/vrp_tiny``) in this layout; a user copy in an earlier search place wins.
+    ``weights/diffusion_tiny``, ``weights/vrp_tiny``, ``weights/patch_encoder_tiny``) in this layout; a user copy in
+    an earlier search place wins.
     ``dirs`` replaces the search places (tests).
     """
     for d in search_dirs() if dirs is None else dirs:
