@@ -22,7 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from incontext.backbones.dinov2 import build_dinov2
-from incontext.backbones.sam_shipped import SHIPPED_NAME, SamEncoderFeatures, build_shipped_sam, shipped_dir
+from incontext.backbones.sam_shipped import (
+    SHIPPED_NAME,
+    SamEncoderFeatures,
+    build_shipped_sam,
+    shipped_dir,
+)
 from incontext.backbones.weights import KNOWN_WEIGHTS, find, search_dirs, shipped
 from incontext.errors import InputError
 from incontext.features.learned import SHIPPED_NAME as LEARNED_NAME
@@ -60,7 +65,7 @@ class GridSamFeatures:
         self.name = f"{self.encoder.name}@{self.grid}x{self.grid}"
         self.model = self.encoder.model
 
-    def to(self, device: str | torch.device) -> "GridSamFeatures":
+    def to(self, device: str | torch.device) -> GridSamFeatures:
         self.encoder.to(device)
         return self
 

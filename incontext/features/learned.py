@@ -163,7 +163,7 @@ class LearnedFeatures:
         c = self.model.config
         self.name = f"learned_patches(grid={c.grid},dim={c.dim})"
 
-    def to(self, device: str | torch.device) -> "LearnedFeatures":
+    def to(self, device: str | torch.device) -> LearnedFeatures:
         self.device = torch.device(device)
         self.model.to(self.device)
         return self
@@ -199,7 +199,7 @@ class LearnedPatchFeatures:
         self.embed_dim = self.model.config.dim
         self.name = f"learned_patches(grid={grid},dim={self.embed_dim})"
 
-    def to(self, device: str | torch.device) -> "LearnedPatchFeatures":
+    def to(self, device: str | torch.device) -> LearnedPatchFeatures:
         self.model.to(device)
         return self
 

@@ -11,7 +11,6 @@ combination that names a class. Cells that are only partly covered (between ``ig
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from incontext.features.base import pool_mask
-from incontext.features.learned import LearnedFeatures, PatchEncoder, PatchEncoderConfig, _square
+from incontext.features.learned import (
+    LearnedFeatures,
+    PatchEncoder,
+    PatchEncoderConfig,
+    _square,
+)
 from incontext.train.data import TrainItem
 
 __all__ = ["PatchEncoderTask"]
@@ -114,6 +118,3 @@ class PatchEncoderTask:
 
         feats = LearnedFeatures(getattr(model, "module", model), device=device)
         return Pipeline(name="prototype_learned", match=PrototypeMatch(feats), device=device)
-
-    def describe(self) -> dict[str, Any]:
-        return asdict(self.config)

@@ -81,7 +81,11 @@ def test_matcher_configs_use_the_offline_defaults():
 
 def test_fallback_prefers_the_shipped_patch_encoder(places, capsys):
     from incontext.features.learned import SHIPPED_NAME as LEARNED
-    from incontext.features.learned import LearnedPatchFeatures, PatchEncoder, PatchEncoderConfig
+    from incontext.features.learned import (
+        LearnedPatchFeatures,
+        PatchEncoder,
+        PatchEncoderConfig,
+    )
 
     torch.manual_seed(0)
     save_sam_folder(build_sam_model(ARCH), ARCH, places / shipped.SHIPPED_NAME)
