@@ -103,9 +103,10 @@ def build_default_dinov2(
         fallback: any true value (default) = the offline fallback of the module docstring; ``None`` to get
             ``build_dinov2``'s error instead.
     """
-    learned = shipped(LEARNED_NAME, search_dirs())
-    if (weights is None and arch is None and fallback and name in KNOWN_WEIGHTS
-            and KNOWN_WEIGHTS[name].family == "dinov2" and (learned is not None or shipped_dir() is not None)):
+    wants_fallback = (weights is None and arch is None and fallback and name in KNOWN_WEIGHTS
+                      and KNOWN_WEIGHTS[name].family == "dinov2")
+    learned = shipped(LEARNED_NAME, search_dirs()) if wants_fallback else None
+    if wants_fallback and (learned is not None or shipped_dir() is not None):
         found, looked = find(name)
         if found is None:
             patch = 14  # every released DINOv2 (dinov2_vit{s,b,l,g}14[_reg]) is a ViT/14

@@ -59,6 +59,15 @@ class PatchEncoderConfig:
     def input_size(self) -> int:
         return 4 * self.grid
 
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> PatchEncoderConfig:
+        """From config.json or a Hydra node (lists become the tuple fields)."""
+        d = dict(raw)
+        for k in ("stem", "dilations"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
 
 class _Residual(nn.Module):
     def __init__(self, width: int, dilation: int) -> None:
@@ -133,8 +142,7 @@ def load_patch_encoder(folder: str | Path | None = None, device: str | torch.dev
         raise InputError(f"patch encoder: {cfg_path} is not a patch-encoder config (model_type "
                          f"{raw.get('model_type')!r}); pass a folder written by train.py "
                          f"experiment={SHIPPED_NAME}")
-    raw["stem"], raw["dilations"] = tuple(raw["stem"]), tuple(raw["dilations"])
-    model = PatchEncoder(PatchEncoderConfig(**raw))
+    model = PatchEncoder(PatchEncoderConfig.from_dict(raw))
     try:
         model.load_state_dict(load_file(str(w_path)), strict=True)
     except RuntimeError as e:

@@ -44,11 +44,7 @@ class PatchEncoderTask:
 
     def __init__(self, model: dict[str, Any] | None = None, ignore: tuple[float, float] = (0.25, 0.75),
                  hflip: float = 0.5, colour_jitter: float = 0.1) -> None:
-        raw = dict(model or {})
-        for k in ("stem", "dilations"):
-            if k in raw:
-                raw[k] = tuple(raw[k])
-        self.config = PatchEncoderConfig(**raw)
+        self.config = PatchEncoderConfig.from_dict(model or {})
         self.ignore = (float(ignore[0]), float(ignore[1]))
         self.hflip = float(hflip)
         self.colour_jitter = float(colour_jitter)
