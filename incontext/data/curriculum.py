@@ -1,7 +1,7 @@
 """Training-episode sources for curricula: episodes where only the prompt names the target, and a schedule that
 moves from one source to another.
 
-All three are index-pure (item ``i`` is a function of (seed, i) only), as ``incontext.train.data`` requires, so
+All are index-pure (item ``i`` is a function of (seed, i) only), as ``incontext.train.data`` requires, so
 resumed and multi-worker runs see the same items. ``i`` is the global item index (step x batch + position), so
 schedules are written in items.
 
@@ -11,6 +11,8 @@ schedules are written in items.
 * ``RivalEpisodes``: procedural-benchmark scenes whose query shows the target class *and* a rival class drawn
   from the same class pool (labelled background); the support shows the target only. The pool grows from a few
   classes to the whole split, so memorising classes never answers "which one?" — the prompt does.
+* ``DecoyEpisodes``: another source's items with a *decoy* support of another class attached (a fresh
+  episode of the same source), for tasks that must learn not to trust a cue computed from the wrong example.
 * ``Curriculum``: item ``i`` comes from ``first`` with a probability that falls linearly from ``p_start`` to
   ``p_end`` over ``ramp_items`` items, else from ``second``.
 """
@@ -24,7 +26,7 @@ import numpy as np
 from incontext.episode import Support
 from incontext.train.data import TrainItem, as_source
 
-__all__ = ["RECT_COLOURS", "RectEpisodes", "RivalEpisodes", "Curriculum"]
+__all__ = ["RECT_COLOURS", "RectEpisodes", "RivalEpisodes", "DecoyEpisodes", "Curriculum"]
 
 RECT_COLOURS = np.array([[220, 40, 40], [40, 200, 60], [50, 80, 230], [230, 210, 40], [200, 60, 200],
                          [40, 210, 210]], np.uint8)
@@ -112,6 +114,29 @@ class RivalEpisodes:
             s = self.renderer.scene(rng, [a], exclude=[b])
             sup.append(Support.from_arrays(s.image, (s.labels > 0).astype(np.uint8)))
         return TrainItem(q.image, query_mask, sup)
+
+
+class DecoyEpisodes:
+    """Item ``i`` of ``source`` with ``decoys`` = the supports of item ``i + offset`` of the same source.
+
+    With the procedural benchmark's 960 train classes the decoy is another class in all but ~0.1 % of items;
+    the rare same-class decoy is left as it is (a hint that happens to be right), so no item is rejected and
+    the source stays index-pure.
+
+    Args:
+        source: episode source (anything ``incontext.train.data.as_source`` accepts) whose indices past its
+            length give fresh episodes (``SyntheticBenchmark`` does).
+        offset: index distance to the decoy's episode (large, so decoys never repeat the stream's items).
+        seed: seeds ``as_source`` for sequence sources.
+    """
+
+    def __init__(self, source: Any, offset: int = 1_000_003, seed: int = 0) -> None:
+        self.source, self.offset = as_source(source, seed), int(offset)
+
+    def episode(self, index: int) -> TrainItem:
+        item = self.source[int(index)]
+        decoy = self.source[int(index) + self.offset]
+        return TrainItem(item.query, item.query_mask, item.supports, list(decoy.supports))
 
 
 class Curriculum:

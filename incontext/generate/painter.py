@@ -18,6 +18,8 @@ How an episode is painted (reference note ``seggpt_painter.md``, sections 2-6):
    read the training-free matching prior: ``PrototypeMatch`` (handcrafted features) on the episode's images,
    drawn as a grey soft mask in the query's colour cell instead of mask tokens, so the model repaints a hint
    rather than inpainting from nothing (see ``painter_task`` for why).
+   Checkpoints whose config has ``conv_stem`` (another deviation) embed patches with a small convolutional stem
+   instead of SegGPT's single patch x patch projection (``ConvStem``).
 5. The painted lower half is de-normalised to RGB in [0, 1] and decoded at the query's size: binary -> the
    projection on the black -> white segment (= mean RGB, SegGPT's rule); multi-class -> nearest palette colour
    with softmax scores.
@@ -37,7 +39,7 @@ from incontext.errors import InputError, WeightsNotFoundError
 from incontext.generate import canvas
 from incontext.pipeline import Carry, Pipeline, State
 
-__all__ = ["PainterMethod", "PainterStage", "load_seggpt", "load_seggpt_config", "build_seggpt", "seggpt_config",
+__all__ = ["PainterMethod", "PainterStage", "ConvStem", "load_seggpt", "load_seggpt_config", "build_seggpt", "seggpt_config",
            "paint", "prior_matcher", "SEGGPT_HUB_ID"]
 
 SEGGPT_HUB_ID = "BAAI/seggpt-vit-large"
@@ -58,12 +60,63 @@ def seggpt_config(model_config: dict[str, Any]) -> Any:
         raise InputError(f"model_config: {err}; see SegGptConfig for the accepted keys") from None
 
 
+class ConvStem(torch.nn.Module):
+    """Patch embedding by stride-2 3x3 convolutions (GroupNorm + GELU), then a 1x1 projection to the token width.
+
+    A deviation from SegGPT, whose patch embedding is one ``patch x patch`` linear projection: trained from
+    scratch on a CPU budget, that projection of 8 x 8 textured patches is the tiny painter's weak point, and
+    early convolutions are the known remedy for ViTs trained from scratch (Xiao et al. 2021, "Early
+    convolutions help transformers see better"). Used for both of SegGPT's streams (images and colour masks),
+    as the projection it replaces.
+
+    Args:
+        in_channels: input channels (3).
+        widths: one width per stride-2 convolution; ``2 ** len(widths)`` must equal the patch size.
+        hidden_size: the transformer's token width.
+    """
+
+    def __init__(self, in_channels: int, widths: Sequence[int], hidden_size: int) -> None:
+        super().__init__()
+        layers: list[torch.nn.Module] = []
+        c = int(in_channels)
+        for w in widths:
+            w = int(w)
+            layers += [torch.nn.Conv2d(c, w, 3, stride=2, padding=1, bias=False),
+                       torch.nn.GroupNorm(min(8, w), w), torch.nn.GELU()]
+            c = w
+        layers.append(torch.nn.Conv2d(c, int(hidden_size), 1))
+        self.layers = torch.nn.Sequential(*layers)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The first convolution's weight: ``SegGptModel.forward`` reads ``projection.weight.dtype`` to cast
+        its inputs."""
+        return self.layers[0].weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def _with_conv_stem(model: torch.nn.Module) -> torch.nn.Module:
+    """Swap the patch projection for a ``ConvStem`` when the config asks for one (``conv_stem``: widths)."""
+    widths = getattr(model.config, "conv_stem", None)
+    if not widths:
+        return model
+    patch = model.config.patch_size
+    if 2 ** len(widths) != patch:
+        raise InputError(f"model_config.conv_stem: {len(widths)} stride-2 convolutions give patch "
+                         f"{2 ** len(widths)}, but patch_size is {patch}; give log2(patch_size) widths")
+    embed = model.model.embeddings.patch_embeddings
+    embed.projection = ConvStem(model.config.num_channels, widths, model.config.hidden_size)
+    return model
+
+
 def build_seggpt(model_config: dict[str, Any]) -> torch.nn.Module:
     """A randomly initialised ``SegGptForImageSegmentation`` from ``SegGptConfig`` keyword arguments
     (tiny configs for tests and training from scratch). Seed ``torch`` before calling for a reproducible init."""
     from transformers import SegGptForImageSegmentation
 
-    return SegGptForImageSegmentation(seggpt_config(model_config))
+    return _with_conv_stem(SegGptForImageSegmentation(seggpt_config(model_config)))
 
 
 def _resolve_checkpoint(checkpoint: str | Path) -> Path:
@@ -103,11 +156,21 @@ def load_seggpt_config(checkpoint: str | Path) -> Any:
 def load_seggpt(checkpoint: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Load ``SegGptForImageSegmentation`` from a local Hugging Face folder (or a cached Hub id such as
     ``BAAI/seggpt-vit-large``), safetensors only, offline, in eval mode on ``device``."""
-    from transformers import SegGptForImageSegmentation
-
+    from transformers import SegGptConfig, SegGptForImageSegmentation
     from transformers.utils import logging as hf_logging
 
     folder = _resolve_checkpoint(checkpoint)
+    config = SegGptConfig.from_pretrained(str(folder), local_files_only=True)
+    if getattr(config, "conv_stem", None):  # from_pretrained would build (and fill) the plain projection
+        from safetensors.torch import load_file
+
+        model = _with_conv_stem(SegGptForImageSegmentation(config))
+        try:
+            model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+        except RuntimeError as err:
+            raise InputError(f"checkpoint {str(checkpoint)!r}: model.safetensors does not fit its config.json "
+                             f"({str(err).splitlines()[0]}); re-save the folder with train.py") from None
+        return model.eval().to(device)
     was = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per build is noise for users
     try:

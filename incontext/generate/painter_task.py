@@ -158,6 +158,10 @@ class PainterTask:
         p_hint_drop: models with a matching prior: probability that a sample's hint is replaced by uniform grey
             (p = 0.5, "no information"), so the answer must come from the prompt pair (condition dropout, as the
             diffusion generator's ``p_uncond``). Evaluation always shows the prior.
+        p_wrong_hint: models with a matching prior: probability that a sample's hint is the prior computed from a
+            decoy support of another class (``TrainItem.decoys``, e.g. ``DecoyEpisodes``) while the prompt pair
+            and the target stay the episode's own, so only reading the pair tells whether the hint can be
+            trusted. Without it the prior is a shortcut and the pair is ignored (issue 8's ablation).
         embedding_type: type token used in training and evaluation.
         eval_ensemble: k-shot rule of the evaluation segmenter ("feature" or "spatial").
     """
@@ -179,6 +183,7 @@ class PainterTask:
         p_self_prompt: float = 0.0,
         dice_weight: float = 0.0,
         p_hint_drop: float = 0.0,
+        p_wrong_hint: float = 0.0,
         embedding_type: str = "instance",
         eval_ensemble: str = "feature",
     ) -> None:
@@ -195,6 +200,7 @@ class PainterTask:
         self.p_self_prompt = float(p_self_prompt)
         self.dice_weight = float(dice_weight)
         self.p_hint_drop = float(p_hint_drop)
+        self.p_wrong_hint = float(p_wrong_hint)
         if self.dice_weight > 0 and self.p_random_colour > 0:
             raise ValueError("dice_weight needs binary colours (p_random_colour=0): the score is mean RGB")
         self.embedding_type = embedding_type
@@ -242,8 +248,14 @@ class PainterTask:
         hint = None
         if self._matcher is not None:  # on the crops at rendered size, as inference runs it on the full images
             (pi, pl), (qi, _) = crops
+            cue = Support.from_arrays(pi, (pl > 0).astype(np.uint8))
+            if self.p_wrong_hint > 0 and rng.random() < self.p_wrong_hint:  # no draw at 0: old runs replay
+                if not item.decoys:
+                    raise ValueError("p_wrong_hint needs training items with decoys (data.train: DecoyEpisodes)")
+                decoy = item.decoys[int(rng.integers(len(item.decoys)))]
+                cue = Support.from_arrays(decoy.image, (np.asarray(decoy.mask) > 0).astype(np.uint8))
             with torch.no_grad():
-                state = self._matcher.prepare([Support.from_arrays(pi, (pl > 0).astype(np.uint8))])
+                state = self._matcher.prepare([cue])
                 hint = canvas.resize_image(canvas.grey_image(self._matcher.similarity(qi, state, {})), (h, w))
             if self.p_hint_drop > 0 and rng.random() < self.p_hint_drop:
                 hint = np.full_like(hint, 128)

@@ -12,7 +12,7 @@ the number of DataLoader workers either.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -32,11 +32,14 @@ class TrainItem:
         query: (H, W, 3) uint8.
         query_mask: (H, W) uint8 label map of the query, same labels as the supports' masks.
         supports: the examples (``Support`` with (H_i, W_i) label masks).
+        decoys: examples of *other* classes (``incontext.data.curriculum.DecoyEpisodes``), for tasks that teach a
+            model to tell a misleading cue from the real prompt; empty for ordinary episodes.
     """
 
     query: np.ndarray
     query_mask: np.ndarray
     supports: list[Support]
+    decoys: list[Support] = field(default_factory=list)
 
 
 def _support(s: Any) -> Support:

@@ -26,3 +26,18 @@ def test_curriculum_schedule_and_sources():
     late = cur.episode(1000)
     assert late.query.shape[0] == 64
     assert np.array_equal(cur.episode(40).query, cur.episode(40).query)
+
+
+def test_decoy_episodes_attach_another_episodes_supports():
+    from incontext.data.curriculum import DecoyEpisodes
+    from incontext.data.synthetic import SyntheticBenchmark
+    from incontext.train.data import as_train_item
+
+    bench = SyntheticBenchmark(split="train", size=64, episodes=1, seed=0)
+    src = DecoyEpisodes(bench, offset=1000)
+    item, again = src.episode(5), src.episode(5)
+    plain = as_train_item(bench.episode(5))
+    assert np.array_equal(item.query, plain.query) and np.array_equal(item.query_mask, plain.query_mask)
+    assert len(item.decoys) == 1 and np.array_equal(item.decoys[0].image, again.decoys[0].image)
+    assert bench.episode_classes(5) != bench.episode_classes(1005)
+    assert not np.array_equal(item.decoys[0].image, item.supports[0].image)

@@ -386,3 +386,40 @@ def test_prior_task_sample_and_loss_cover_the_query_cell():
         PainterTask(model={**TINY, "match_prior": PRIOR}, p_lower_half=0.5)
     with pytest.raises(ValueError, match="binary colours"):
         PainterTask(model=TINY, p_random_colour=1.0, dice_weight=1.0)
+
+
+def test_conv_stem_model_saves_loads_and_paints(tmp_path):
+    """``conv_stem`` swaps SegGPT's patch projection for a ``ConvStem``; the folder round-trips exactly and a
+    stem that does not reach the patch size is refused by name."""
+    torch.manual_seed(0)
+    model = build_seggpt({**TINY, "conv_stem": [8, 8, 16]}).eval()
+    assert isinstance(model.model.embeddings.patch_embeddings.projection, painter_mod.ConvStem)
+    model.save_pretrained(str(tmp_path))
+    loaded = load_seggpt(tmp_path)
+    sup = _supports(1)
+    q = canvas.to_model(canvas.resize_image(sup[0].image, (32, 32)))
+    cols = canvas.to_model(canvas.encode_mask(canvas.resize_labels(sup[0].mask, (32, 32)), canvas.binary_palette()))
+    a, b = paint(model, q, q[None], cols[None]), paint(loaded, q, q[None], cols[None])
+    assert torch.equal(a, b)
+    with pytest.raises(InputError, match="conv_stem"):
+        build_seggpt({**TINY, "conv_stem": [8, 8]})
+
+
+def test_wrong_hint_comes_from_the_decoy_support():
+    """``p_wrong_hint``: the hint is the prior of the decoy (another class), while the prompt pair and the target
+    stay the episode's own; without decoys the task says what data it needs."""
+    from incontext.generate.painter_task import PainterTask
+    from incontext.train.data import TrainItem
+
+    sup = _supports(2)
+    decoy = Support.from_arrays(np.full((40, 52, 3), 30, np.uint8), np.pad(np.ones((4, 4), np.uint8), 18)[:40, :52])
+    kw = dict(model={**TINY, "match_prior": PRIOR}, p_lower_half=1.0, p_random_colour=0.0, hflip=0.0)
+    item = TrainItem(sup[1].image, sup[1].mask, [sup[0]], [decoy])
+    right = PainterTask(**kw).make_sample(item, np.random.default_rng(0))
+    wrong = PainterTask(**kw, p_wrong_hint=1.0).make_sample(item, np.random.default_rng(0))
+    for key in ("query", "prompt", "prompt_mask", "label"):
+        assert torch.equal(right[key], wrong[key])
+    assert not torch.equal(right["hint"], wrong["hint"])
+    with pytest.raises(ValueError, match="DecoyEpisodes"):
+        PainterTask(**kw, p_wrong_hint=1.0).make_sample(TrainItem(sup[1].image, sup[1].mask, [sup[0]]),
+                                                        np.random.default_rng(0))
