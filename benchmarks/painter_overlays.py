@@ -20,10 +20,11 @@ import numpy as np
 TILE = 112
 
 
-def _tile(rgb: np.ndarray, label: str = "") -> np.ndarray:
-    t = cv2.resize(rgb, (TILE, TILE), interpolation=cv2.INTER_AREA)
+def tile(rgb: np.ndarray, label: str = "", size: int = TILE) -> np.ndarray:
+    """``rgb`` resized to a ``size`` square with ``label`` on a white strip at the top."""
+    t = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
     if label:
-        cv2.rectangle(t, (0, 0), (TILE - 1, 14), (255, 255, 255), -1)
+        cv2.rectangle(t, (0, 0), (size - 1, 14), (255, 255, 255), -1)
         cv2.putText(t, label, (3, 11), cv2.FONT_HERSHEY_SIMPLEX, 0.36, (0, 0, 0), 1, cv2.LINE_AA)
     return t
 
@@ -60,14 +61,14 @@ def main(argv: list[str] | None = None) -> None:
     lines = []
     for iou, i, ep, gt, m, pred in chosen:
         sup = ep.supports[0]
-        tiles = [_tile(overlay(sup.image, (sup.mask > 0).astype(np.uint8)), f"support (ep {i})"),
-                 _tile(overlay(ep.query, gt.astype(np.uint8)), "query, true mask")]
+        tiles = [tile(overlay(sup.image, (sup.mask > 0).astype(np.uint8)), f"support (ep {i})"),
+                 tile(overlay(ep.query, gt.astype(np.uint8)), "query, true mask")]
         if stage.matcher is not None:
             prior = stage.matcher.similarity(ep.query, stage.matcher.prepare(
                 [type(sup).from_arrays(sup.image, (sup.mask > 0).astype(np.uint8))]), {})
-            tiles.append(_tile(canvas.grey_image(prior), "matching prior"))
-        tiles += [_tile(pred.extras["painted"], "painted cell"),
-                  _tile(overlay(ep.query, m.astype(np.uint8)), f"prediction IoU {100 * iou:.0f}")]
+            tiles.append(tile(canvas.grey_image(prior), "matching prior"))
+        tiles += [tile(pred.extras["painted"], "painted cell"),
+                  tile(overlay(ep.query, m.astype(np.uint8)), f"prediction IoU {100 * iou:.0f}")]
         lines.append(np.concatenate(tiles, 1))
     img = np.concatenate(lines, 0)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -840,9 +840,11 @@ def write_overlay_png(path: str | os.PathLike, image: np.ndarray, mask: np.ndarr
         Image.fromarray(out).save(tmp, format="PNG")
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5,
+            colour: tuple[int, int, int] | None = None) -> np.ndarray:
     """``image`` (H,W,3) uint8 with ``mask`` (H,W) labels tinted over it (``alpha``) and a 2-px contour, as
-    (H,W,3) uint8 RGB (what ``write_overlay_png`` writes)."""
+    (H,W,3) uint8 RGB (what ``write_overlay_png`` writes). ``colour`` replaces the binary foreground's green
+    (for images whose target is green itself)."""
     img = np.asarray(image)
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
         raise InputError(f"image: overlay needs (H,W,3) uint8, got shape {img.shape} dtype {img.dtype}")
@@ -852,9 +854,12 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarr
     from scipy.ndimage import binary_erosion
 
     out = img.astype(np.float32)
-    for label, colour in _class_colours(np.unique(m)).items():
+    colours = _class_colours(np.unique(m))
+    if colour is not None and len(colours) == 1:
+        colours = {label: colour for label in colours}
+    for label, rgb in colours.items():
         region = m == label
-        col = np.asarray(colour, dtype=np.float32)
+        col = np.asarray(rgb, dtype=np.float32)
         out[region] = (1 - alpha) * out[region] + alpha * col
         edge = region & ~binary_erosion(region, iterations=2, border_value=0)
         out[edge] = col
