@@ -21,6 +21,13 @@ drawn as a grey soft mask, fills the query's colour cell instead of mask tokens;
 that cell. From scratch, the tiny SegGPT on the 960 train classes never left the constant-prior plateau within a
 CPU-hour (issue 8); the diffusion generator, given the same prior as an input, learned in minutes.
 
+Matching read-out loss (``match_weight`` > 0; a deviation from SegGPT, which learns from the painting loss
+alone): the image-stream tokens after block ``match_layer`` are read as Matcher reads DINOv2 patches — each query
+token's cosine to its nearest foreground and nearest background support token, ``MATCH_SCALE`` x their
+difference as a logit — and a BCE pulls that read-out to the query's true token mask. It gives the early blocks
+the class-discriminative, cross-cell-comparable features that the painting loss alone did not find within a
+CPU budget (the diffusion generator's auxiliary prior loss plays the same role). It adds no parameters.
+
 Loss: smooth-L1 (beta = ``config.beta``, 0.01 in SegGPT) between painted and true colours in model space, mean
 over the masked pixels of each sample, then mean over samples (equal to transformers' SegGptLoss when every
 sample masks the same number of patches, which this masking guarantees, and batch-size independent so DDP and
@@ -50,7 +57,9 @@ from incontext.generate.painter import (
 )
 from incontext.train.data import TrainItem
 
-__all__ = ["PainterTask", "block_mask", "masked_smooth_l1"]
+__all__ = ["PainterTask", "block_mask", "masked_smooth_l1", "match_readout_loss"]
+
+MATCH_SCALE = 10.0  # logit per unit of cosine difference: the PrototypeMatch temperature (configs/method/prototype.yaml)
 
 
 def block_mask(grid: tuple[int, int], num_masked: int, rng: np.random.Generator,
@@ -130,6 +139,39 @@ def masked_smooth_l1(pred: torch.Tensor, target: torch.Tensor, bool_masked_pos: 
     return per_sample.mean()
 
 
+def token_fraction(colour: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, 3, h, w) binary colour cells in model space -> (B, h/patch * w/patch) foreground fraction per token."""
+    fg = (_mean_rgb(colour.float()) > 0.5).float()  # white on black: mean RGB above mid-grey
+    return F.avg_pool2d(fg, patch).flatten(1)
+
+
+def match_readout_loss(tokens: torch.Tensor, prompt_mask: torch.Tensor, label: torch.Tensor,
+                       patch: int) -> torch.Tensor:
+    """BCE of the Matcher-style read-out of the image stream against the query's true token mask.
+
+    Args:
+        tokens: (B, 2h, w, C) image-stream tokens of the stacked canvas (support cell on top).
+        prompt_mask, label: (B, 3, H, W) binary colour cells of the support and the query (model space).
+        patch: pixels per token side.
+
+    Returns:
+        Scalar: mean BCE over query tokens that are clearly foreground (> 3/4 covered) or background (< 1/4),
+        in samples whose support has foreground and background tokens; 0 when there are none.
+    """
+    b, gh, gw, c = tokens.shape
+    f = F.normalize(tokens.float(), dim=-1)
+    sup, qry = f[:, : gh // 2].reshape(b, -1, c), f[:, gh // 2 :].reshape(b, -1, c)
+    s_fg = token_fraction(prompt_mask, patch) >= 0.5
+    q_frac = token_fraction(label, patch)
+    sims = torch.einsum("bnc,bmc->bnm", qry, sup)
+    fg = sims.masked_fill(~s_fg[:, None, :], -2.0).amax(-1)
+    bg = sims.masked_fill(s_fg[:, None, :], -2.0).amax(-1)
+    logit = MATCH_SCALE * (fg - bg)
+    valid = ((q_frac > 0.75) | (q_frac < 0.25)) & s_fg.any(1, keepdim=True) & (~s_fg).any(1, keepdim=True)
+    bce = F.binary_cross_entropy_with_logits(logit, (q_frac > 0.5).float(), reduction="none")
+    return (bce * valid).sum() / valid.sum().clamp(min=1)
+
+
 class PainterTask:
     """``TrainTask`` of the painter (see ``incontext.train.task``).
 
@@ -162,6 +204,9 @@ class PainterTask:
             decoy support of another class (``TrainItem.decoys``, e.g. ``DecoyEpisodes``) while the prompt pair
             and the target stay the episode's own, so only reading the pair tells whether the hint can be
             trusted. Without it the prior is a shortcut and the pair is ignored (issue 8's ablation).
+        match_weight: weight of the matching read-out loss on the image stream (module docstring; 0 = off).
+            Binary colours only (``p_random_colour`` 0).
+        match_layer: the block whose image-stream output is read out (before SegGPT's stream merge).
         embedding_type: type token used in training and evaluation.
         eval_ensemble: k-shot rule of the evaluation segmenter ("feature" or "spatial").
     """
@@ -184,6 +229,8 @@ class PainterTask:
         dice_weight: float = 0.0,
         p_hint_drop: float = 0.0,
         p_wrong_hint: float = 0.0,
+        match_weight: float = 0.0,
+        match_layer: int = 1,
         embedding_type: str = "instance",
         eval_ensemble: str = "feature",
     ) -> None:
@@ -201,6 +248,9 @@ class PainterTask:
         self.dice_weight = float(dice_weight)
         self.p_hint_drop = float(p_hint_drop)
         self.p_wrong_hint = float(p_wrong_hint)
+        self.match_weight, self.match_layer = float(match_weight), int(match_layer)
+        if self.match_weight > 0 and self.p_random_colour > 0:
+            raise ValueError("match_weight needs binary colours (p_random_colour=0): targets are white on black")
         if self.dice_weight > 0 and self.p_random_colour > 0:
             raise ValueError("dice_weight needs binary colours (p_random_colour=0): the score is mean RGB")
         self.embedding_type = embedding_type
@@ -288,17 +338,31 @@ class PainterTask:
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         hint = batch.get("hint")
-        out = model(
-            pixel_values=batch["query"],
-            prompt_pixel_values=batch["prompt"],
-            prompt_masks=batch["prompt_mask"],
-            # the colour stream's query cell: the target (masked patches are replaced by mask tokens), or the
-            # prior's grey hint with nothing masked; the loss covers bool_masked_pos either way
-            labels=batch["label"] if hint is None else hint,
-            bool_masked_pos=batch["bool_masked_pos"] if hint is None else
-            torch.zeros_like(batch["bool_masked_pos"]),
-            embedding_type=self.embedding_type,
-        )
+        seen: list[torch.Tensor] = []
+        handle = None
+        if self.match_weight > 0:
+            layers = getattr(model, "module", model).model.encoder.layers
+            if not 0 <= self.match_layer <= getattr(model, "module", model).config.merge_index:
+                raise ValueError(f"match_layer {self.match_layer}: must be a block before the stream merge "
+                                 f"(0..merge_index)")
+            # before the merge the batch holds [image stream; colour stream]: keep the images' half
+            handle = layers[self.match_layer].register_forward_hook(
+                lambda _m, _i, out: seen.append(out[0][: batch["query"].shape[0]]))
+        try:
+            out = model(
+                pixel_values=batch["query"],
+                prompt_pixel_values=batch["prompt"],
+                prompt_masks=batch["prompt_mask"],
+                # the colour stream's query cell: the target (masked patches are replaced by mask tokens), or the
+                # prior's grey hint with nothing masked; the loss covers bool_masked_pos either way
+                labels=batch["label"] if hint is None else hint,
+                bool_masked_pos=batch["bool_masked_pos"] if hint is None else
+                torch.zeros_like(batch["bool_masked_pos"]),
+                embedding_type=self.embedding_type,
+            )
+        finally:
+            if handle is not None:
+                handle.remove()
         target = torch.cat([batch["prompt_mask"], batch["label"]], dim=2)
         loss = masked_smooth_l1(out.pred_masks.float(), target.float(), batch["bool_masked_pos"],
                                 self.patch, self.beta, batch.get("weight"))
@@ -310,6 +374,10 @@ class PainterTask:
             dice = 1 - (2 * (score * fg).sum(1) + 1) / (score.sum(1) + fg.sum(1) + 1)
             loss = loss + self.dice_weight * dice.mean()
             logs["dice"] = float(dice.detach().mean())
+        if self.match_weight > 0:
+            match = match_readout_loss(seen[0], batch["prompt_mask"], batch["label"], self.patch)
+            loss = loss + self.match_weight * match
+            logs["match"] = float(match.detach())
         return loss, logs
 
     def save_pretrained(self, model: torch.nn.Module, directory: Path) -> None:

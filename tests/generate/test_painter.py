@@ -423,3 +423,29 @@ def test_wrong_hint_comes_from_the_decoy_support():
     with pytest.raises(ValueError, match="DecoyEpisodes"):
         PainterTask(**kw, p_wrong_hint=1.0).make_sample(TrainItem(sup[1].image, sup[1].mask, [sup[0]]),
                                                         np.random.default_rng(0))
+
+
+def test_match_readout_loss_rewards_features_that_tell_the_class_apart():
+    """The read-out is low when foreground tokens of both cells share a direction that background tokens don't,
+    high when the features are swapped; the task logs it through a hook on the chosen block's image stream."""
+    from incontext.generate.painter_task import PainterTask, match_readout_loss
+    from incontext.train.data import TrainItem, stack
+
+    patch, h = 8, 32
+    mask = torch.zeros(1, h, h)
+    mask[:, 8:24, 8:24] = 1.0  # a 2 x 2-token square in both cells
+    colour = canvas.to_model((mask[0, :, :, None].expand(h, h, 3) * 255).to(torch.uint8))[None]
+    fg_tok = torch.nn.functional.avg_pool2d(mask[None], patch)[0, 0] > 0.5  # (4, 4)
+    tokens = torch.where(torch.cat([fg_tok, fg_tok])[None, :, :, None], torch.tensor([1.0, 0.0]),
+                         torch.tensor([0.0, 1.0]))  # (1, 8, 4, 2)
+    good = match_readout_loss(tokens, colour, colour, patch)
+    bad = match_readout_loss(torch.cat([tokens[:, :4], tokens[:, 4:].flip(-1)], 1), colour, colour, patch)
+    assert good < 1e-3 and bad > 5.0
+
+    task = PainterTask(model=TINY, p_lower_half=1.0, p_random_colour=0.0, match_weight=1.0, match_layer=0)
+    sup = _supports(2)
+    s = [task.make_sample(TrainItem(sup[1].image, sup[1].mask, [sup[0]]), np.random.default_rng(i)) for i in range(2)]
+    loss, logs = task.loss(task.build_model(), stack(s))
+    assert torch.isfinite(loss) and logs["match"] > 0
+    with pytest.raises(ValueError, match="binary colours"):
+        PainterTask(model=TINY, match_weight=1.0)
