@@ -14,8 +14,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-
-from painter_overlays import tile
+from painter_overlays import tile, write_small_png
 
 METHODS = ("prototype", "persam", "persam_f", "matcher_fss", "vrp", "painter", "diffusion")
 SIZE = 200
@@ -25,10 +24,8 @@ DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo"
 
 def main(argv: list[str] | None = None) -> None:
     import incontext
-    from PIL import Image
-
     from incontext.episode import Support
-    from incontext.io import atomic_path, overlay, read_image, read_mask
+    from incontext.io import overlay, read_image, read_mask
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path)
@@ -49,9 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}: IoU {100 * iou:.1f}")
     tiles += [np.full_like(tiles[0], 255)] * (-len(tiles) % 5)
     img = np.concatenate([np.concatenate(tiles[i : i + 5], 1) for i in range(0, len(tiles), 5)], 0)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(args.out) as tmp:
-        Image.fromarray(img).quantize(colors=128, dither=Image.Dither.NONE).save(tmp, format="PNG", optimize=True)
+    write_small_png(img, args.out)
     print(f"wrote {args.out}")
 
 

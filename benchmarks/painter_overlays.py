@@ -29,14 +29,23 @@ def tile(rgb: np.ndarray, label: str = "", size: int = TILE) -> np.ndarray:
     return t
 
 
+def write_small_png(img: np.ndarray, out: Path) -> None:
+    """Write an RGB figure quantised to 128 colours (small enough to commit), atomically."""
+    from PIL import Image
+
+    from incontext.io import atomic_path
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        Image.fromarray(img).quantize(colors=128, dither=Image.Dither.NONE).save(tmp, format="PNG", optimize=True)
+
+
 def main(argv: list[str] | None = None) -> None:
+
     import incontext
     from incontext.data.synthetic import SyntheticBenchmark
     from incontext.generate import canvas
     from incontext.io import overlay
-    from PIL import Image
-
-    from incontext.io import atomic_path
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path)
@@ -71,9 +80,7 @@ def main(argv: list[str] | None = None) -> None:
                   tile(overlay(ep.query, m.astype(np.uint8)), f"prediction IoU {100 * iou:.0f}")]
         lines.append(np.concatenate(tiles, 1))
     img = np.concatenate(lines, 0)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(args.out) as tmp:
-        Image.fromarray(img).quantize(colors=128, dither=Image.Dither.NONE).save(tmp, format="PNG", optimize=True)
+    write_small_png(img, args.out)
     print(f"wrote {args.out}; mean IoU over {len(rows)} episodes {100 * np.mean([r[0] for r in rows]):.1f}")
 
 
