@@ -203,7 +203,7 @@ class PainterTask:
         p_wrong_hint: models with a matching prior: probability that a sample's hint is the prior computed from a
             decoy support of another class (``TrainItem.decoys``, e.g. ``DecoyEpisodes``) while the prompt pair
             and the target stay the episode's own, so only reading the pair tells whether the hint can be
-            trusted. Without it the prior is a shortcut and the pair is ignored (issue 8's ablation).
+            trusted (the first, 1,500-step painter_tiny ignored its pair: issue 8's ablation).
         match_weight: weight of the matching read-out loss on the image stream (module docstring; 0 = off).
             Binary colours only (``p_random_colour`` 0).
         match_layer: the block whose image-stream output is read out (before SegGPT's stream merge).
