@@ -18,6 +18,14 @@ k shots: the per-shot prompt embeddings are concatenated into one decoder call (
 ``predict_mask_nshot``); ``kshot="mean"`` averages the shots' embeddings instead (not in the paper; a
 ``prior_click`` head then places one click at the maximum of the shots' mean location map).
 
+Several instances (``peaks`` > 1, a ``prior_click`` head; not in the paper): one click segments one object, while
+a query may hold several of the class. The location map's further local maxima (``location_peaks``: 3 x 3
+non-maximum suppression, probability at least ``peak_ratio`` x the top peak's, at most ``peaks`` in all) each get
+one more decoder call with SAM's own click alone, and the masks are merged (union; pixel probability = the
+maximum). The first mask is unchanged, so ``peaks: 1`` (the default) is the single-mask behaviour above.
+``learned_prompts: false`` (inference only) gives the decoder the top peak's click alone too, without the learned
+prompts: the head then only decides where SAM clicks (on the shipped head this scored higher, see its README).
+
 Prepare once, segment many: ``prepare()`` stores each shot's support side (merged support tokens, prototype,
 masked high-level features), so a saved concept needs neither the support images nor the backbone pass again.
 
@@ -51,6 +59,7 @@ from incontext.refine.vrp_head import (
     annotation_mask,
     config_dict,
     head_config,
+    location_peaks,
 )
 
 __all__ = ["KSHOT_MODES", "SHIPPED_NAME", "VRP", "VrpSam", "bce_dice_loss", "load_vrp", "save_vrp"]
@@ -87,12 +96,22 @@ class VrpSam(nn.Module):
         sam: a ``segment_anything`` ``Sam`` (frozen here).
         features: a ``vrp_features`` backbone (its ``mid_channels`` must equal the head's).
         kshot: "concat" or "mean" (see the module docstring).
+        peaks: at most this many location peaks are segmented at inference (1 = one mask; see the module
+            docstring); peak_ratio: a further peak needs this fraction of the top peak's probability.
+        learned_prompts: False = at inference the decoder gets SAM's click at the top peak alone (see the module
+            docstring); training always uses the learned prompts.
     """
 
-    def __init__(self, head: VrpHead, sam: nn.Module, features: Any, kshot: str = "concat") -> None:
+    def __init__(self, head: VrpHead, sam: nn.Module, features: Any, kshot: str = "concat", peaks: int = 1,
+                 peak_ratio: float = 0.7, learned_prompts: bool = True) -> None:
         super().__init__()
         if kshot not in KSHOT_MODES:
             raise InputError(f"kshot: {kshot!r}; pass one of {', '.join(KSHOT_MODES)}")
+        if int(peaks) < 1 or not 0.0 <= float(peak_ratio) <= 1.0:
+            raise InputError(f"VRP: peaks={peaks}, peak_ratio={peak_ratio}; pass peaks >= 1 and a ratio in 0..1")
+        if (int(peaks) > 1 or not learned_prompts) and not head.config.prior_click:
+            raise InputError("VRP: peaks > 1 and learned_prompts=False need a head with a location map "
+                             "(prior_click=True)")
         width = int(sam.prompt_encoder.embed_dim)
         if head.config.hidden != width:
             raise InputError(f"VRP head width {head.config.hidden} != the SAM's prompt width {width}; a head only "
@@ -103,6 +122,9 @@ class VrpSam(nn.Module):
         self.head = head
         self._frozen = [sam.eval().requires_grad_(False), features]
         self.kshot = kshot
+        self.peaks = int(peaks)
+        self.peak_ratio = float(peak_ratio)
+        self.learned_prompts = bool(learned_prompts)
 
     @property
     def sam(self) -> nn.Module:
@@ -151,13 +173,28 @@ class VrpSam(nn.Module):
     def click(self, location: torch.Tensor) -> torch.Tensor:
         """(B, 1, h, w) location logits -> SAM's own prompt tokens for one positive click at the centre of the
         arg-max cell (the prompt encoder adds its padding point, as for any click without a box): (B, 2, C)."""
-        b, _, h, w = location.shape
-        k = location.flatten(1).argmax(1)
+        _, _, h, w = location.shape
+        return self.click_cells(location.flatten(1).argmax(1), (h, w))
+
+    def click_cells(self, cells: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(N,) row-major cells of an (h, w) grid -> SAM's tokens of one positive click at each cell's centre
+        (one prompt set per cell): (N, 2, C)."""
+        h, w = grid
         s = float(self.sam_size)
-        xy = torch.stack([(k % w + 0.5) * s / w, (k // w + 0.5) * s / h], 1).float()[:, None]
-        labels = torch.ones(b, 1, dtype=torch.int, device=location.device)
+        xy = torch.stack([(cells % w + 0.5) * s / w, (cells // w + 0.5) * s / h], 1).float()[:, None]
+        labels = torch.ones(len(cells), 1, dtype=torch.int, device=cells.device)
         sparse, _ = self.sam.prompt_encoder(points=(xy, labels), boxes=None, masks=None)
         return sparse
+
+    def peak_masks(self, embedding: torch.Tensor, location: torch.Tensor) -> torch.Tensor | None:
+        """Low-res logits (P, 1, 4g, 4g) of SAM's click alone at each further peak of one (1, 1, h, w) location
+        map (the top peak excluded: the head's prompts segment it), or None when there is none (see the module
+        docstring)."""
+        cells = location_peaks(location, self.peaks, self.peak_ratio)[1:]
+        if not cells:
+            return None
+        clicks = self.click_cells(torch.tensor(cells, device=location.device), tuple(location.shape[-2:]))
+        return self.decode(embedding.expand(len(cells), -1, -1, -1), clicks)
 
     def prompts(self, query_maps: Any, sides: Sequence[SupportSide],
                 with_location: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -247,6 +284,9 @@ def save_vrp(model: VrpSam, directory: str | os.PathLike, sam_name: str = "sam",
         "sam": {"name": sam_name, "prompt_embed_dim": int(sam.prompt_encoder.embed_dim),
                 "image_size": int(sam.image_encoder.img_size)},
         "kshot": model.kshot,
+        "peaks": model.peaks,
+        "peak_ratio": model.peak_ratio,
+        "learned_prompts": model.learned_prompts,
         **dict(extra or {}),
     }
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -269,8 +309,11 @@ def shipped_checkpoint() -> Path:
 
 
 def load_vrp(checkpoint: str | os.PathLike, sam: nn.Module, *, features_weights: str | None = None,
-             kshot: str | None = None) -> tuple[VrpSam, dict[str, Any]]:
-    """A ``VrpSam`` from a folder written by :func:`save_vrp`, on ``sam`` (frozen). Returns (model, config)."""
+             kshot: str | None = None, peaks: int | None = None, peak_ratio: float | None = None,
+             learned_prompts: bool | None = None) -> tuple[VrpSam, dict[str, Any]]:
+    """A ``VrpSam`` from a folder written by :func:`save_vrp`, on ``sam`` (frozen). Returns (model, config).
+    ``kshot``, ``peaks``, ``peak_ratio``, ``learned_prompts``: None = the config's (a config.json without them:
+    concat, 1, 0.7, true)."""
     from incontext.backbones.checkpoint import read_state_dict
 
     p = Path(checkpoint).expanduser()
@@ -292,7 +335,11 @@ def load_vrp(checkpoint: str | os.PathLike, sam: nn.Module, *, features_weights:
                          f"but method.sam is {have}-d; set method.sam to that SAM")
     head = VrpHead(head_config(cfg["head"]))
     model = VrpSam(head, sam, build_vrp_features(cfg["features"], sam, features_weights),
-                   kshot=kshot or cfg.get("kshot", "concat"))
+                   kshot=kshot or cfg.get("kshot", "concat"),
+                   peaks=int(cfg.get("peaks", 1)) if peaks is None else int(peaks),
+                   peak_ratio=float(cfg.get("peak_ratio", 0.7)) if peak_ratio is None else float(peak_ratio),
+                   learned_prompts=bool(cfg.get("learned_prompts", True) if learned_prompts is None
+                                        else learned_prompts))
     model.load_state_dict(read_state_dict(w_path, name="VRP head"), strict=True)
     return model.eval(), cfg
 
@@ -318,6 +365,10 @@ class VRP(Segmenter):
         points, point_radius: the point condition (see ``annotation_mask``; the paper uses 20 points at test).
         seed: seed of the point draws (shot j of a concept uses (seed, j)).
         kshot: "concat" (released) or "mean"; None = the checkpoint's.
+        peaks, peak_ratio: segment up to ``peaks`` location peaks (see the module docstring); None = the
+            checkpoint's (1 and 0.7 for a config.json without them).
+        learned_prompts: False = SAM's clicks alone (see the module docstring); None = the checkpoint's (true
+            for a config.json without it).
         threshold: probability threshold of the mask (0.5 = logit 0, as SAM).
         name, device, retriever, shots: see ``Segmenter``.
     """
@@ -337,6 +388,9 @@ class VRP(Segmenter):
         point_radius: float = 0.02,
         seed: int = 0,
         kshot: str | None = None,
+        peaks: int | None = None,
+        peak_ratio: float | None = None,
+        learned_prompts: bool | None = None,
         threshold: float = 0.5,
         name: str = "vrp",
         device: str | torch.device = "cpu",
@@ -354,16 +408,23 @@ class VRP(Segmenter):
         self.predictor = sam
         if model is not None:
             self.model, self.checkpoint = model, "live"
+            if peaks is not None or peak_ratio is not None or learned_prompts is not None:
+                raise InputError("VRP: peaks / peak_ratio / learned_prompts are set on the live model (VrpSam), "
+                                 "not here")
         elif head is not None:
             from incontext.refine.vrp_features import SamEncoderVrpFeatures
 
             feats = SamEncoderVrpFeatures(sam.model, mid_blocks, prior)
             cfg = head_config({"mid_channels": feats.mid_channels,
                                "hidden": int(sam.model.prompt_encoder.embed_dim), **dict(head)})
-            self.model, self.checkpoint = VrpSam(VrpHead(cfg), sam.model, feats, kshot or "concat"), "random"
+            self.model = VrpSam(VrpHead(cfg), sam.model, feats, kshot or "concat", peaks=peaks or 1,
+                                peak_ratio=0.7 if peak_ratio is None else peak_ratio,
+                                learned_prompts=True if learned_prompts is None else learned_prompts)
+            self.checkpoint = "random"
         else:
             path = Path(checkpoint) if checkpoint is not None else shipped_checkpoint()
-            self.model, _ = load_vrp(path, sam.model, features_weights=features_weights, kshot=kshot)
+            self.model, _ = load_vrp(path, sam.model, features_weights=features_weights, kshot=kshot, peaks=peaks,
+                                     peak_ratio=peak_ratio, learned_prompts=learned_prompts)
             self.checkpoint = str(path)
         self.annotation = annotation
         self.points = int(points)
@@ -421,10 +482,24 @@ class VRP(Segmenter):
             maps, emb = self._query(query, cache)
             tok, proto, high = (state[k].to(self.device) for k in ("tokens", "prototype", "high"))
             sides = [SupportSide(tok[j : j + 1], proto[j : j + 1], high[j : j + 1]) for j in range(len(tok))]
-            low = self.model.decode(emb, self.model.prompts(maps, sides))
-            logits = F.interpolate(low, query.shape[:2], mode="bilinear", align_corners=False)[0, 0]
-        prob = torch.sigmoid(logits.float()).cpu().numpy().astype(np.float32)
+            if self.model.peaks > 1 or not self.model.learned_prompts:
+                prompts, loc = self.model.prompts(maps, sides, with_location=True)
+            else:
+                prompts, loc = self.model.prompts(maps, sides), None
+            if not self.model.learned_prompts:  # the top peak's click alone
+                prompts = self.model.click(loc)
+            low = self.model.decode(emb, prompts)
+            extra = None if loc is None else self.model.peak_masks(emb, loc)
+            if extra is not None:
+                low = torch.cat([low, extra])
+            probs = torch.sigmoid(F.interpolate(low, query.shape[:2], mode="bilinear", align_corners=False)[:, 0])
+        probs = probs.float().cpu().numpy().astype(np.float32)
+        instances = []
+        for p in probs:  # one instance per decoder call (the top peak's, then the further peaks')
+            m = p > self.threshold
+            if m.any() or not instances:
+                instances.append(Instance(mask=m, score=float(p[m].mean()) if m.any() else 0.0))
+        prob = probs.max(0)  # union of the instances' masks
         mask = prob > self.threshold
-        score = float(prob[mask].mean()) if mask.any() else 0.0
-        return BinaryResult(prob=prob, mask=mask, instances=[Instance(mask=mask, score=score)],
-                            extras={"shots": len(sides), "annotation": state["annotation"]})
+        return BinaryResult(prob=prob, mask=mask, instances=instances,
+                            extras={"shots": len(sides), "annotation": state["annotation"], "peaks": len(probs)})

@@ -47,6 +47,7 @@ __all__ = [
     "annotation_mask",
     "grid_mask",
     "head_config",
+    "location_peaks",
     "sine_position_embedding",
 ]
 
@@ -150,6 +151,25 @@ def grid_mask(annotation: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     The released code resizes with nearest neighbours to a 64 x 64 grid; on the small grids used here (16 x 16)
     nearest sampling drops thin parts and point annotations, so the coverage fraction is kept instead."""
     return F.adaptive_avg_pool2d(annotation.float(), size)
+
+
+def location_peaks(location: torch.Tensor, k: int, ratio: float, radius: int = 1) -> list[int]:
+    """Row-major cells of the strongest local maxima of one (1, 1, h, w) location-logit map, strongest first.
+
+    A cell is a peak if it is the maximum of its (2 ``radius`` + 1)^2 window (non-maximum suppression on the
+    grid). The first entry is the map's arg-max (the ``prior_click`` cell); at most ``k`` peaks are returned, and
+    a further peak only if its probability (sigmoid) is at least ``ratio`` times the first one's."""
+    if location.shape[:2] != (1, 1):
+        raise InputError(f"location_peaks: one (1, 1, h, w) map expected, got {tuple(location.shape)}")
+    p = torch.sigmoid(location.detach().float())
+    window = 2 * int(radius) + 1
+    is_peak = p == F.max_pool2d(p, window, stride=1, padding=int(radius))
+    flat = p.flatten()
+    cand = is_peak.flatten().nonzero()[:, 0]
+    cand = cand[flat[cand].argsort(descending=True, stable=True)]
+    top = int(location.flatten().argmax())  # the logits' arg-max = the cell ``VrpSam.click`` uses
+    cells = [top] + [int(c) for c in cand if int(c) != top and float(flat[c]) >= ratio * float(flat[top])]
+    return cells[: max(1, int(k))]
 
 
 class VrpHead(nn.Module):

@@ -61,6 +61,9 @@ class VrpTask:
         init_checkpoint: a head folder to start from.
         kshot: the k-shot mode written to config.json ("concat" or "mean", see ``incontext.refine.vrp``); training
             itself is 1-shot, so it only sets what ``method=vrp`` does with several shots by default.
+        peaks, peak_ratio, learned_prompts: inference only (written to config.json, used by the periodic
+            evaluation): segment up to ``peaks`` location-map peaks and merge the masks, and whether the decoder
+            gets the learned prompts with the top click (see ``incontext.refine.vrp``).
         name: recorded in config.json.
     """
 
@@ -84,6 +87,9 @@ class VrpTask:
         eval_annotation: str = "mask",
         init_checkpoint: str | None = None,
         kshot: str = "concat",
+        peaks: int = 1,
+        peak_ratio: float = 0.7,
+        learned_prompts: bool = True,
         name: str = "vrp_tiny",
     ) -> None:
         self.sam_folder = sam
@@ -115,6 +121,9 @@ class VrpTask:
         if kshot not in KSHOT_MODES:
             raise InputError(f"task.kshot: {kshot!r}; pass one of {', '.join(KSHOT_MODES)}")
         self.kshot = kshot
+        self.peaks = int(peaks)
+        self.peak_ratio = float(peak_ratio)
+        self.learned_prompts = bool(learned_prompts)
         self.model_name = name
         self._sam_name = "sam"
 
@@ -144,11 +153,13 @@ class VrpTask:
             from incontext.refine.vrp import load_vrp
 
             return load_vrp(self.init_checkpoint, sam, features_weights=self.features_weights,
-                            kshot=self.kshot)[0].train()
+                            kshot=self.kshot, peaks=self.peaks, peak_ratio=self.peak_ratio,
+                            learned_prompts=self.learned_prompts)[0].train()
         feats = self._features(sam)
         cfg = head_config({"mid_channels": feats.mid_channels, "hidden": int(sam.prompt_encoder.embed_dim),
                            **self.head_kw})
-        return VrpSam(VrpHead(cfg), sam, feats, kshot=self.kshot).train()
+        return VrpSam(VrpHead(cfg), sam, feats, kshot=self.kshot, peaks=self.peaks, peak_ratio=self.peak_ratio,
+                      learned_prompts=self.learned_prompts).train()
 
     def make_sample(self, item: TrainItem, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         """``query`` (3, H, W) and ``support`` (1, 3, H', W') float 0..255, ``annotation`` (1, 1, H', W') 0/1,

@@ -60,7 +60,7 @@ def sam_folder(tmp_path_factory):
 def _method(seed: int = 0, **kw) -> VRP:
     sam, _ = _sam()
     torch.manual_seed(seed)
-    return VRP(BatchedSamPredictor(sam, name="tiny_sam"), head=HEAD, mid_blocks=(0, 1), **kw)
+    return VRP(BatchedSamPredictor(sam, name="tiny_sam"), **{"head": HEAD, "mid_blocks": (0, 1), **kw})
 
 
 def test_head_shapes_and_position_embedding():
@@ -310,3 +310,72 @@ def test_prior_click_prompts_place_sams_own_click_at_the_location_maximum(kshot)
         xy = torch.tensor([[[(k % w + 0.5) * 64 / w, (k // w + 0.5) * 64 / h]]])
         want, _ = sam.prompt_encoder(points=(xy, torch.ones(1, 1, dtype=torch.int)), boxes=None, masks=None)
         torch.testing.assert_close(out[:, :2], want)
+
+
+def test_location_peaks_suppress_neighbours_and_keep_strong_ones():
+    from incontext.refine.vrp_head import location_peaks
+
+    loc = torch.full((1, 1, 8, 8), -6.0)
+    loc[0, 0, 1, 1] = 3.0  # the arg-max (p 0.95), cell 9
+    loc[0, 0, 1, 2] = 2.5  # its neighbour: not a local maximum
+    loc[0, 0, 5, 5] = 2.0  # p 0.88 >= 0.8 x 0.95, cell 45
+    loc[0, 0, 6, 1] = 0.0  # p 0.5, cell 49
+    assert location_peaks(loc, 5, 0.8) == [9, 45]
+    assert location_peaks(loc, 5, 0.5) == [9, 45, 49]
+    assert location_peaks(loc, 2, 0.0) == [9, 45]
+    assert location_peaks(loc, 1, 0.0) == [9]
+
+
+def _click_method(**kw) -> VRP:
+    return _method(head=dict(HEAD, position_values=True, prior_click=True), prior="mid", **kw)
+
+
+def test_peaks_add_one_click_mask_per_further_peak_to_the_single_mask():
+    from incontext.refine.vrp_head import location_peaks
+
+    q, _ = disc_image(cx=0.3, cy=0.4, seed=1)
+    sup = [disc_image(cx=0.6, cy=0.6, seed=2)]
+    one = _click_method()
+    many = _click_method(peaks=4, peak_ratio=0.0)
+    many.model.head.load_state_dict(one.model.head.state_dict())
+    r1, r4 = one.segment(q, sup), many.segment(q, sup)
+    # the number of decoder calls = the location map's peaks
+    ctx = many.prepare(sup)
+    with torch.no_grad():
+        maps, _ = many.model.encode(torch.from_numpy(q).permute(2, 0, 1)[None].float())
+        side = many.model.support_side(torch.from_numpy(sup[0][0]).permute(2, 0, 1)[None].float(),
+                                       torch.from_numpy(sup[0][1])[None, None].float())
+        _, loc = many.model.prompts(maps, [side], with_location=True)
+    n = len(location_peaks(loc, 4, 0.0))
+    assert n > 1 and r4.extras["peaks"] == n and ctx is not None
+    # the top peak's mask is the single-mask answer; the others are only added (union = max probability)
+    m1, m4 = r1.mask == 1, r4.mask == 1
+    np.testing.assert_array_equal(r4.instances[0].mask, m1)
+    assert (m4 | m1).sum() == m4.sum() and (r4.scores[1] >= r1.scores[1] - 1e-6).all()
+    union = np.zeros_like(m4)
+    for inst in r4.instances:
+        union |= inst.mask
+    np.testing.assert_array_equal(union, m4)
+    # learned_prompts=False: the top mask is SAM's click alone, which differs from the click + learned prompts
+    click = _click_method(learned_prompts=False)
+    click.model.head.load_state_dict(one.model.head.state_dict())
+    assert not np.array_equal(click.segment(q, sup).scores[1], r1.scores[1])
+
+
+def test_peak_settings_roundtrip_and_old_configs_load_as_single_mask(tmp_path):
+    m = _click_method(peaks=5, peak_ratio=0.8, learned_prompts=False)
+    save_vrp(m.model, tmp_path / "head", sam_name="tiny_sam")
+    cfg = json.loads((tmp_path / "head" / "config.json").read_text())
+    assert (cfg["peaks"], cfg["peak_ratio"], cfg["learned_prompts"]) == (5, 0.8, False)
+    sam, _ = _sam()
+    loaded, _ = load_vrp(tmp_path / "head", sam)
+    assert (loaded.peaks, loaded.peak_ratio, loaded.learned_prompts) == (5, 0.8, False)
+    for k in ("peaks", "peak_ratio", "learned_prompts"):  # a config.json written before these keys
+        del cfg[k]
+    (tmp_path / "head" / "config.json").write_text(json.dumps(cfg))
+    old, _ = load_vrp(tmp_path / "head", sam)
+    assert (old.peaks, old.peak_ratio, old.learned_prompts) == (1, 0.7, True)
+    assert load_vrp(tmp_path / "head", sam, peaks=3)[0].peaks == 3
+    with pytest.raises(InputError, match="prior_click"):
+        _method(peaks=3)  # the released layout has no location map
+
