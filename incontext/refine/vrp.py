@@ -62,7 +62,12 @@ from incontext.refine.vrp_head import (
     location_peaks,
 )
 
-__all__ = ["KSHOT_MODES", "SHIPPED_NAME", "VRP", "VrpSam", "bce_dice_loss", "load_vrp", "save_vrp"]
+# A further location peak needs this fraction of the top peak's probability (the default of every entry point;
+# a config.json written before the key existed loads with it too).
+DEFAULT_PEAK_RATIO = 0.7
+
+__all__ = ["DEFAULT_PEAK_RATIO", "KSHOT_MODES", "SHIPPED_NAME", "VRP", "VrpSam", "bce_dice_loss", "load_vrp",
+           "save_vrp"]
 
 SHIPPED_NAME = "vrp_tiny"
 KSHOT_MODES = ("concat", "mean")
@@ -103,7 +108,7 @@ class VrpSam(nn.Module):
     """
 
     def __init__(self, head: VrpHead, sam: nn.Module, features: Any, kshot: str = "concat", peaks: int = 1,
-                 peak_ratio: float = 0.7, learned_prompts: bool = True) -> None:
+                 peak_ratio: float = DEFAULT_PEAK_RATIO, learned_prompts: bool = True) -> None:
         super().__init__()
         if kshot not in KSHOT_MODES:
             raise InputError(f"kshot: {kshot!r}; pass one of {', '.join(KSHOT_MODES)}")
@@ -337,7 +342,7 @@ def load_vrp(checkpoint: str | os.PathLike, sam: nn.Module, *, features_weights:
     model = VrpSam(head, sam, build_vrp_features(cfg["features"], sam, features_weights),
                    kshot=kshot or cfg.get("kshot", "concat"),
                    peaks=int(cfg.get("peaks", 1)) if peaks is None else int(peaks),
-                   peak_ratio=float(cfg.get("peak_ratio", 0.7)) if peak_ratio is None else float(peak_ratio),
+                   peak_ratio=float(cfg.get("peak_ratio", DEFAULT_PEAK_RATIO) if peak_ratio is None else peak_ratio),
                    learned_prompts=bool(cfg.get("learned_prompts", True) if learned_prompts is None
                                         else learned_prompts))
     model.load_state_dict(read_state_dict(w_path, name="VRP head"), strict=True)
@@ -418,7 +423,7 @@ class VRP(Segmenter):
             cfg = head_config({"mid_channels": feats.mid_channels,
                                "hidden": int(sam.model.prompt_encoder.embed_dim), **dict(head)})
             self.model = VrpSam(VrpHead(cfg), sam.model, feats, kshot or "concat", peaks=peaks or 1,
-                                peak_ratio=0.7 if peak_ratio is None else peak_ratio,
+                                peak_ratio=DEFAULT_PEAK_RATIO if peak_ratio is None else peak_ratio,
                                 learned_prompts=True if learned_prompts is None else learned_prompts)
             self.checkpoint = "random"
         else:

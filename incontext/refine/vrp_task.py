@@ -24,9 +24,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from incontext.errors import InputError
-from incontext.refine.vrp import KSHOT_MODES, VRP, VrpSam, bce_dice_loss, save_vrp
+from incontext.refine.vrp import (
+    DEFAULT_PEAK_RATIO,
+    KSHOT_MODES,
+    VRP,
+    VrpSam,
+    bce_dice_loss,
+    save_vrp,
+)
 from incontext.refine.vrp_features import SamEncoderVrpFeatures
-from incontext.refine.vrp_head import ANNOTATIONS, VrpHead, annotation_mask, grid_mask, head_config
+from incontext.refine.vrp_head import (
+    ANNOTATIONS,
+    VrpHead,
+    annotation_mask,
+    grid_mask,
+    head_config,
+)
 from incontext.train.data import TrainItem
 
 __all__ = ["VrpTask"]
@@ -88,7 +101,7 @@ class VrpTask:
         init_checkpoint: str | None = None,
         kshot: str = "concat",
         peaks: int = 1,
-        peak_ratio: float = 0.7,
+        peak_ratio: float = DEFAULT_PEAK_RATIO,
         learned_prompts: bool = True,
         name: str = "vrp_tiny",
     ) -> None:
